@@ -1,0 +1,128 @@
+"""TimeSformer (Bertasius et al. 2021), divided space-time attention: merging inside each frame.
+
+Tokens are ``[CLS] + (slot, frame)`` with the frame index minor. Every frame merges the same ``r`` tokens,
+matched on the keys of the spatial attention, so the tokens stay a ``frames x slots`` grid and the
+temporal attention (over the frames of each slot) keeps working. The stock layer reshapes with the
+config's fixed patch grid, so the patched layer derives the grid from the current token count.
+Proportional attention adds ``log(size)`` in both the temporal and the spatial attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+from transformers.models.timesformer import modeling_timesformer as hf
+
+from vtome.merge import attention_bias
+from vtome.models import begin_on_forward, capture_keys, swap_class
+from vtome.state import Layout, MergeState
+
+FAMILY = "TimeSformer"
+SCHEME = "divided"
+DEFAULT_PROP_ATTN = True
+
+
+class TimesformerSelfAttention(hf.TimesformerSelfAttention):
+    """Stock attention with an optional additive ``bias`` ``[G, 1, 1, N]`` on the logits."""
+
+    def forward(
+        self, hidden_states: Tensor, output_attentions: bool = False, bias: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        if bias is None:
+            return super().forward(hidden_states, output_attentions)
+        batch, tokens, channels = hidden_states.shape
+        qkv = (
+            self.qkv(hidden_states)
+            .reshape(batch, tokens, 3, self.num_heads, channels // self.num_heads)
+            .permute(2, 0, 3, 1, 4)
+        )
+        query, key, value = qkv[0], qkv[1], qkv[2]
+        probs = ((query @ key.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1)
+        probs = self.attn_drop(probs)
+        context = (probs @ value).transpose(1, 2).reshape(batch, tokens, channels)
+        return (context, probs) if output_attentions else (context,)
+
+
+def _attend(block: nn.Module, x: Tensor, bias: Tensor | None, output_attentions: bool) -> tuple[Tensor, ...]:
+    """``TimeSformerAttention.forward`` with a bias passed to its self-attention."""
+    outputs = block.attention(x, output_attentions, bias)
+    return (block.output(outputs[0]),) + outputs[1:]
+
+
+class TimesformerLayer(hf.TimesformerLayer):
+    """Divided space-time block for any number of tokens per frame, merging per frame before the MLP."""
+
+    def forward(self, hidden_states: Tensor, output_attentions: bool = False) -> tuple[Tensor, ...]:
+        state: MergeState = self._vtome
+        frames = self.config.num_frames
+        batch, num_tokens, channels = hidden_states.shape
+        slots = (num_tokens - 1) // frames
+        size = state.run.size if state.settings.prop_attn else None
+
+        # Temporal attention over the frames of each slot: [B*slots, T, C].
+        patches = hidden_states[:, 1:, :]
+        temporal = patches.reshape(batch * slots, frames, channels)
+        bias = None if size is None else attention_bias(size[:, 1:, 0].reshape(batch * slots, frames), temporal.dtype)
+        temporal_out = _attend(self.temporal_attention, self.temporal_layernorm(temporal), bias, False)[0]
+        residual_temporal = self.drop_path(temporal_out).reshape(batch, slots * frames, channels)
+        residual_temporal = self.temporal_dense(residual_temporal)
+        temporal_embedding = patches + residual_temporal
+
+        # Spatial attention inside each frame, class token repeated per frame: [B*T, 1 + slots, C].
+        init_cls_token = hidden_states[:, 0, :].unsqueeze(1)
+        cls_token = init_cls_token.repeat(1, frames, 1).reshape(batch * frames, 1, channels)
+        spatial = temporal_embedding.reshape(batch, slots, frames, channels).permute(0, 2, 1, 3)
+        spatial = torch.cat((cls_token, spatial.reshape(batch * frames, slots, channels)), 1)
+        bias = None
+        if size is not None:
+            frame_size = state.layout.split(size)[1].squeeze(-1)
+            frame_size = torch.cat((frame_size.new_ones(batch * frames, 1), frame_size), 1)
+            bias = attention_bias(frame_size, spatial.dtype)
+        spatial_outputs = _attend(self.attention, self.layernorm_before(spatial), bias, output_attentions)
+        residual_spatial = self.drop_path(spatial_outputs[0])
+        cls_token = torch.mean(residual_spatial[:, 0, :].reshape(batch, frames, channels), 1, True)
+        residual_spatial = residual_spatial[:, 1:, :].reshape(batch, frames, slots, channels).permute(0, 2, 1, 3)
+        residual_spatial = residual_spatial.reshape(batch, slots * frames, channels)
+        hidden_states = torch.cat((init_cls_token, temporal_embedding), 1) + torch.cat((cls_token, residual_spatial), 1)
+
+        # Merge inside each frame on the spatial keys (class token left out), then the MLP.
+        metric = state.metric[:, 1:] if state.metric is not None else None
+        hidden_states = state.merge(self._vtome_layer, hidden_states, metric)
+        layer_output = self.layernorm_after(hidden_states)
+        layer_output = self.intermediate(layer_output)
+        layer_output = self.output(layer_output)
+        layer_output = hidden_states + self.drop_path(layer_output)
+        state.last_hidden = layer_output
+        return (layer_output,) + spatial_outputs[1:]
+
+
+def base(model: nn.Module) -> nn.Module:
+    return getattr(model, "timesformer", model)
+
+
+def layers(model: nn.Module) -> nn.ModuleList:
+    return base(model).encoder.layer
+
+
+def layout(model: nn.Module) -> Layout:
+    config = model.config
+    if config.attention_type != "divided_space_time":
+        raise TypeError(
+            f"vtome supports TimeSformer with attention_type='divided_space_time'; "
+            f"this model uses {config.attention_type!r}"
+        )
+    return Layout(protected=1, frames=config.num_frames, time_minor=True)
+
+
+def apply(model: nn.Module, state: MergeState) -> list[RemovableHandle]:
+    handles = [begin_on_forward(base(model), state, FAMILY)]
+    hidden = model.config.hidden_size
+    for i, layer in enumerate(layers(model)):
+        swap_class(layer, TimesformerLayer, state, i)
+        for block in (layer.attention, layer.temporal_attention):
+            swap_class(block.attention, TimesformerSelfAttention, state, i)
+        # The spatial attention's keys are the metric: the middle third of the fused qkv projection.
+        handles.append(capture_keys(layer.attention.attention.qkv, state, i, slice(hidden, 2 * hidden)))
+    return handles

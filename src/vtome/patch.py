@@ -1,0 +1,95 @@
+"""The public entry points: patch a model in place, read what it did, change settings, unpatch."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from vtome.models import adapter_for, check_attention_backend, restore
+from vtome.state import MergeSettings, MergeState, RSetting, RunInfo
+
+
+def patch(
+    model: nn.Module,
+    r: RSetting = 0,
+    *,
+    mode: str = "merge",
+    prop_attn: bool | None = None,
+    head_aggregation: str = "mean",
+    threshold: float = 0.0,
+    start_layer: int = 0,
+    trace_source: bool = False,
+    seed: int | None = None,
+) -> nn.Module:
+    """Patch ``model`` in place for token merging and return it.
+
+    Args:
+        model: a Hugging Face VideoMAE, ViViT or TimeSformer model (base or video classification).
+        r: tokens removed per layer (per clip for joint space-time models, per frame for TimeSformer):
+            an int, an ``(r, inflection)`` schedule with inflection in [-1, 1], or one int per layer.
+            Each layer removes at most half of its mergeable tokens (a warning says when it is capped).
+        mode: ``merge``, ``drop``, ``random_merge``, ``random_drop`` or ``hybrid``.
+        prop_attn: add ``log(size)`` to attention logits; ``None`` takes the family's default (off for
+            VideoMAE, as in the paper's configurations; on for ViViT and TimeSformer, as in ToMe).
+        head_aggregation: matching metric from the keys: ``mean`` over heads or heads ``concat``.
+        threshold: for ``hybrid``, the cosine similarity from which a pair merges instead of dropping
+            (the paper used 0.4 for ViViT and 0.8 for VideoMAE).
+        start_layer: no merging in layers before this one.
+        trace_source: record which input tokens each output token covers (``last_run(model).source``).
+        seed: makes the random modes reproducible (the same choice at every forward).
+
+    Patching a patched model starts again from these settings. To change one setting in place, assign
+    it on :func:`settings` (``vtome.settings(model).r = 100``).
+    """
+    adapter = adapter_for(model)
+    layout = adapter.layout(model)
+    layers = adapter.layers(model)
+    settings = MergeSettings(
+        num_layers=len(layers),
+        r=r,
+        mode=mode,
+        prop_attn=adapter.DEFAULT_PROP_ATTN if prop_attn is None else prop_attn,
+        head_aggregation=head_aggregation,
+        threshold=threshold,
+        start_layer=start_layer,
+        trace_source=trace_source,
+        seed=seed,
+    )
+    if settings.prop_attn:
+        check_attention_backend(model.config)
+    unpatch(model)
+    state = MergeState(settings, layout, num_heads=model.config.num_attention_heads)
+    state.handles = adapter.apply(model, state)
+    state.family, state.scheme = adapter.FAMILY, adapter.SCHEME
+    model._vtome = state
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore ``model``'s original classes and remove vtome's hooks (no-op if it is not patched)."""
+    for module in model.modules():
+        state = module.__dict__.get("_vtome")
+        if state is not None:
+            for handle in getattr(state, "handles", []):
+                handle.remove()
+        restore(module)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(model.__dict__.get("_vtome"), MergeState)
+
+
+def _state(model: nn.Module) -> MergeState:
+    if not is_patched(model):
+        raise ValueError(f"this {type(model).__name__} is not patched; call vtome.patch(model, r=...) first")
+    return model._vtome
+
+
+def last_run(model: nn.Module) -> RunInfo:
+    """What the last forward of a patched ``model`` did: ``tokens_per_layer``, ``size``, ``source``."""
+    return _state(model).run
+
+
+def settings(model: nn.Module) -> MergeSettings:
+    """The live settings of a patched ``model``; assigning an attribute takes effect at the next forward."""
+    return _state(model).settings

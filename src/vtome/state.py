@@ -1,0 +1,283 @@
+"""Merge settings (validated), token layouts, and the per-forward state shared by a patched model's layers."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+
+from vtome.merge import (
+    HEAD_AGGREGATIONS,
+    MODES,
+    aggregate_heads,
+    attention_bias,
+    bipartite_match,
+    max_merge,
+    merge_tokens,
+    parse_schedule,
+)
+
+RSetting = int | tuple[int, float] | list[int]
+
+
+def _check_r(r: object, num_layers: int) -> RSetting:
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    allowed = (
+        "r must be an int >= 0 (tokens removed per layer), an (r, inflection) tuple with inflection in "
+        f"[-1, 1], or a list of {num_layers} ints >= 0 (one per layer)"
+    )
+    if is_int(r):
+        if r < 0:
+            raise ValueError(f"{allowed}; got r={r}")
+        return r
+    if isinstance(r, tuple):
+        if len(r) != 2 or not is_int(r[0]) or r[0] < 0 or not isinstance(r[1], (int, float)):
+            raise ValueError(f"{allowed}; got r={r!r}")
+        if not -1.0 <= float(r[1]) <= 1.0:
+            raise ValueError(f"{allowed}; got inflection {r[1]}")
+        return (r[0], float(r[1]))
+    if isinstance(r, list):
+        if len(r) != num_layers or not all(is_int(v) and v >= 0 for v in r):
+            raise ValueError(f"{allowed}; got a list of {len(r)} values: {r!r}")
+        return list(r)
+    raise ValueError(f"{allowed}; got {type(r).__name__} {r!r}")
+
+
+@dataclass
+class MergeSettings:
+    """What a patched model does; attributes may be changed at any time and are validated on assignment.
+
+    ``r`` counts tokens removed per layer: per clip for joint space-time models, per frame for divided
+    space-time models. ``prop_attn=None`` means the model family's default.
+    """
+
+    num_layers: int
+    r: RSetting = 0
+    mode: str = "merge"
+    prop_attn: bool = True
+    head_aggregation: str = "mean"
+    threshold: float = 0.0
+    start_layer: int = 0
+    trace_source: bool = False
+    seed: int | None = None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        value = self._validate(name, value)
+        super().__setattr__(name, value)
+
+    def _validate(self, name: str, value: object) -> object:
+        if name == "r":
+            return _check_r(value, self.num_layers)
+        if name == "mode" and value not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {value!r}")
+        if name == "head_aggregation" and value not in HEAD_AGGREGATIONS:
+            raise ValueError(f"head_aggregation must be one of {', '.join(HEAD_AGGREGATIONS)}; got {value!r}")
+        if name == "threshold":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
+                raise ValueError(f"threshold is a cosine similarity and must be a number in [-1, 1]; got {value!r}")
+            return float(value)
+        if name == "start_layer" and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.num_layers
+        ):
+            raise ValueError(f"start_layer must be an int in [0, {self.num_layers}]; got {value!r}")
+        if name in ("prop_attn", "trace_source") and not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False; got {value!r}")
+        if name == "seed" and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"seed must be an int or None; got {value!r}")
+        return value
+
+    def schedule(self) -> list[int]:
+        """``r`` for each layer, before capping."""
+        return parse_schedule(self.r, self.num_layers, self.start_layer)
+
+    def as_dict(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "num_layers"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the mergeable groups sit in a model's token sequence ``[B, N, D]``.
+
+    ``protected`` leading tokens (a class token) are never merged. With ``frames=None`` (joint
+    space-time) the rest of the clip is one group; with ``frames=T`` (divided space-time) each frame is
+    a group, its tokens stored time-minor (``index = p + slot*T + t``, TimeSformer) or time-major
+    (``index = p + t*n + slot``).
+    """
+
+    protected: int = 0
+    frames: int | None = None
+    time_minor: bool = True
+
+    def split(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, N, D]`` -> protected ``[B, p, D]`` and groups ``[G, n, D]``."""
+        head, body = t[:, : self.protected], t[:, self.protected :]
+        if self.frames is None:
+            return head, body
+        b, m, d = body.shape
+        f = self.frames
+        if self.time_minor:
+            body = body.reshape(b, m // f, f, d).transpose(1, 2)
+        return head, body.reshape(b * f, m // f, d)
+
+    def join(self, head: Tensor, groups: Tensor) -> Tensor:
+        """Inverse of :meth:`split` for any group length."""
+        if self.frames is not None:
+            g, n, d = groups.shape
+            b, f = g // self.frames, self.frames
+            groups = groups.reshape(b, f, n, d)
+            groups = (groups.transpose(1, 2) if self.time_minor else groups).reshape(b, n * f, d)
+        return torch.cat([head, groups], dim=1)
+
+    def group_size(self, num_tokens: int) -> int:
+        """Tokens per group for a sequence of ``num_tokens``."""
+        return (num_tokens - self.protected) // (self.frames or 1)
+
+
+@dataclass
+class RunInfo:
+    """What the last forward of a patched model did.
+
+    ``tokens_per_layer``: tokens leaving each layer after its merge (class token included, whole clip);
+    ``size``: ``[B, N, 1]`` input patches each output token stands for (None if nothing was merged);
+    ``source``: ``[B, N, N0]`` which input tokens each output token covers (with ``trace_source=True``).
+    """
+
+    tokens_per_layer: list[int] = field(default_factory=list)
+    size: Tensor | None = None
+    source: Tensor | None = None
+
+
+class MergeState:
+    """Shared by the layers of one patched model: settings, plus what the current forward has merged."""
+
+    def __init__(self, settings: MergeSettings, layout: Layout, num_heads: int) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.num_heads = num_heads
+        self.run = RunInfo()
+        self.metric: Tensor | None = None
+        self.last_hidden: Tensor | None = None
+        self._schedule: list[int] = []
+        self._bias: Tensor | None = None
+        self._generator: torch.Generator | None = None
+        self._warned: set[int] = set()
+
+    # -- forward lifecycle -------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Start a forward pass: forget the last one and resolve this one's schedule."""
+        self.run = RunInfo()
+        self.metric = None
+        self.last_hidden = None
+        self._bias = None
+        self._generator = None
+        self._schedule = self.settings.schedule()
+
+    def r_at(self, layer: int) -> int:
+        """Requested (uncapped) ``r`` for ``layer``."""
+        return self._schedule[layer] if layer < len(self._schedule) else 0
+
+    def capture_keys(self, layer: int, keys: Tensor) -> None:
+        """Record the metric of ``layer`` from its projected keys ``[G, N, H*d]``, if that layer merges."""
+        if self.r_at(layer) > 0:
+            self.metric = aggregate_heads(keys.detach(), self.num_heads, self.settings.head_aggregation)
+
+    @property
+    def size(self) -> Tensor | None:
+        return self.run.size
+
+    def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
+        """Proportional-attention mask ``[B, 1, 1, N]`` for the current tokens, or None when not needed."""
+        if not self.settings.prop_attn or self.run.size is None:
+            return None
+        if self._bias is None or self._bias.dtype != dtype:
+            self._bias = attention_bias(self.run.size, dtype)
+        return self._bias
+
+    # -- the merge step ----------------------------------------------------------------------------
+    def merge(self, layer: int, x: Tensor, metric: Tensor | None = None) -> Tensor:
+        """Merge ``x`` ``[B, N, C]`` after ``layer``'s attention; returns ``[B, N', C]``.
+
+        ``metric`` is in group layout ``[G, n, c]``; by default the one captured from the keys, split
+        with the layout.
+        """
+        r = self.r_at(layer)
+        if r > 0:
+            x = self._merge(layer, x, r, metric)
+        self.run.tokens_per_layer.append(x.shape[1])
+        return x
+
+    def _merge(self, layer: int, x: Tensor, r: int, metric: Tensor | None) -> Tensor:
+        layout = self.layout
+        if metric is None:
+            if self.metric is None:
+                raise RuntimeError(f"vtome: no attention keys were captured for layer {layer}")
+            metric = layout.split(self.metric)[1]
+        self.metric = None
+        n = metric.shape[1]
+        cap = max_merge(n)
+        if r > cap:
+            if layer not in self._warned:
+                self._warned.add(layer)
+                unit = " per frame" if layout.frames else ""
+                warnings.warn(
+                    f"vtome: layer {layer} asked to merge r={r}{unit} but has {n} mergeable tokens{unit}; "
+                    f"capped at {cap} (half of them)",
+                    stacklevel=2,
+                )
+            r = cap
+        if r == 0:
+            return x
+        s = self.settings
+        merge = bipartite_match(metric, r, mode=s.mode, threshold=s.threshold, generator=self._rng(x))
+        size = self.run.size
+        if size is None:
+            size = torch.ones(*x.shape[:2], 1, device=x.device, dtype=torch.float32)
+        source = self.run.source
+        if s.trace_source and source is None:
+            eye = torch.eye(x.shape[1], device=x.device, dtype=torch.float32)
+            source = eye.expand(x.shape[0], -1, -1)
+        (x_head, x_body), (s_head, s_body) = layout.split(x), layout.split(size)
+        x_body, s_body, src_body = merge_tokens(
+            merge, x_body, s_body, layout.split(source)[1] if source is not None else None
+        )
+        self.run.size = layout.join(s_head, s_body)
+        if source is not None:
+            self.run.source = layout.join(layout.split(source)[0], src_body)
+        self._bias = None
+        return layout.join(x_head, x_body)
+
+    def _rng(self, x: Tensor) -> torch.Generator | None:
+        seed = self.settings.seed
+        if seed is None or not self.settings.mode.startswith("random"):
+            return None
+        if self._generator is None:
+            self._generator = torch.Generator(device=x.device)
+            self._generator.manual_seed(seed)
+        return self._generator
+
+
+def check_frames(pixel_values: Tensor, num_frames: int, num_channels: int, family: str) -> None:
+    """Clear error for a clip that is not ``[B, T, C, H, W]`` with the model's ``T`` and ``C``."""
+    shape = tuple(pixel_values.shape)
+    if pixel_values.dim() != 5:
+        raise ValueError(
+            f"{family} expects pixel_values of shape [batch, frames, channels, height, width]; got {shape}"
+        )
+    if shape[1] != num_frames and shape[2] == num_frames and shape[1] == num_channels:
+        raise ValueError(
+            f"{family} expects pixel_values laid out [B, T, C, H, W]; got {shape}, which looks like [B, C, T, H, W]: "
+            "pass pixel_values.transpose(1, 2)"
+        )
+    if shape[1] != num_frames:
+        raise ValueError(
+            f"{family} expects clips of {num_frames} frames (config.num_frames), got {shape[1]} in pixel_values "
+            f"of shape {shape}; sample {num_frames} frames per clip"
+        )
+    if shape[2] != num_channels:
+        raise ValueError(
+            f"{family} expects {num_channels} channels at dim 2 of pixel_values [B, T, C, H, W]; got shape {shape}"
+        )
