@@ -18,7 +18,7 @@ whole clip for joint space-time attention, one frame for divided space-time atte
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +26,6 @@ from torch import Tensor
 
 MODES: tuple[str, ...] = ("merge", "drop", "random_merge", "random_drop", "hybrid")
 HEAD_AGGREGATIONS: tuple[str, ...] = ("mean", "concat")
-
-Merge = Callable[[Tensor], Tensor]
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
 
 
 def aggregate_heads(keys: Tensor, num_heads: int, how: str = "mean") -> Tensor:
@@ -43,38 +37,109 @@ def aggregate_heads(keys: Tensor, num_heads: int, how: str = "mean") -> Tensor:
 
 
 def max_merge(num_tokens: int) -> int:
-    """Largest ``r`` one bipartite step can remove from ``num_tokens`` tokens (half of them)."""
+    """Largest ``r`` one bipartite step can remove from ``num_tokens`` mergeable tokens (half of them)."""
     return num_tokens // 2
+
+
+@dataclass(frozen=True)
+class Merge:
+    """A matching, ready to apply to any tensor laid out like its metric: ``[G, N, D]`` -> ``[G, N - r, D]``.
+
+    Output order: the protected tokens, the A tokens that stay (in their original order), then the B
+    tokens. ``merge(t)`` sums the A tokens merged into each B token (for sizes and source maps);
+    :meth:`average` gives size-weighted features. ``r == 0`` is the identity.
+    """
+
+    protected: int = 0
+    r: int = 0
+    unm_idx: Tensor | None = None  # [G, n_a - r] A tokens that stay
+    src_idx: Tensor | None = None  # [G, r] A tokens that leave
+    dst_idx: Tensor | None = None  # [G, r] their B partners
+    keep_b: Tensor | None = None  # [G, n_b] 0 where hybrid drops the B token, else 1 (None: all kept)
+    drops: bool = False  # leaving A tokens are discarded instead of merged
+
+    def _stay(self, x: Tensor) -> Tensor:
+        """A new tensor ``[protected, staying A, B]``."""
+        p, g, d = self.protected, x.shape[0], x.shape[-1]
+        kept = x[:, p::2].gather(1, self.unm_idx.unsqueeze(-1).expand(g, self.unm_idx.shape[1], d))
+        return torch.cat([x[:, :p], kept, x[:, p + 1 :: 2]], dim=1)
+
+    def _leaving(self, x: Tensor) -> Tensor:
+        g, d = x.shape[0], x.shape[-1]
+        return x[:, self.protected :: 2].gather(1, self.src_idx.unsqueeze(-1).expand(g, self.r, d))
+
+    def _b_part(self, out: Tensor) -> Tensor:
+        return out[:, self.protected + self.unm_idx.shape[1] :]
+
+    def _dst(self, d: int) -> Tensor:
+        return self.dst_idx.unsqueeze(-1).expand(-1, -1, d)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.r == 0:
+            return x
+        out = self._stay(x)
+        if not self.drops:
+            b = self._b_part(out)
+            if self.keep_b is not None:
+                b.mul_(self.keep_b.unsqueeze(-1).to(b.dtype))
+            b.scatter_add_(1, self._dst(x.shape[-1]), self._leaving(x))
+        return out
+
+    def average(self, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Size-weighted merge of ``x`` ``[G, N, C]`` with sizes ``[G, N, 1]`` (float32; None: all ones).
+
+        Returns the merged features, where a B token becomes ``sum(x * size) / sum(size)`` over itself and
+        the A tokens merged into it (accumulated in at least float32), and the merged sizes.
+        """
+        if size is None:
+            size = torch.ones(*x.shape[:2], 1, device=x.device, dtype=torch.float32)
+        if self.r == 0:
+            return x, size
+        new_size = self(size)
+        out = self._stay(x)
+        if self.drops:
+            return out, new_size
+        weight_b = size[:, self.protected + 1 :: 2]
+        if self.keep_b is not None:
+            weight_b = weight_b * self.keep_b.unsqueeze(-1)
+        leaving = self._leaving(x) * self._leaving(size)
+        b, dst = self._b_part(out), self._dst(x.shape[-1])
+        if b.dtype == leaving.dtype:  # in place on the B tokens only
+            b.mul_(weight_b).scatter_add_(1, dst, leaving).div_(self._b_part(new_size))
+        else:  # low-precision features: accumulate in the sizes' precision
+            total = (b.to(leaving.dtype) * weight_b).scatter_add_(1, dst, leaving)
+            b.copy_(total / self._b_part(new_size))
+        return out, new_size
 
 
 def bipartite_match(
     metric: Tensor,
     r: int,
     *,
+    protected: int = 0,
     mode: str = "merge",
     threshold: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> Merge:
-    """Match ``r`` tokens of ``metric`` ``[G, N, C]`` away and return the function that applies it.
+    """Match ``r`` tokens of ``metric`` ``[G, N, C]`` away and return the :class:`Merge` that applies it.
 
-    The returned ``merge(x)`` maps any ``[G, N, D]`` tensor to ``[G, N - r, D]``: the A tokens that stay
-    (in their original order) followed by the B tokens. In the merging modes a B token receives the
-    **sum** of the A tokens merged into it, so callers average by merging ``x * size`` and ``size``
-    (see :func:`merge_tokens`). ``r`` must already be capped at ``max_merge(N)``.
+    A and B alternate after the ``protected`` leading tokens, which are never matched. ``r`` must
+    already be capped at ``max_merge(N - protected)``.
     """
     g, n, _ = metric.shape
+    p = protected
     if r <= 0:
-        return _identity
-    if r > max_merge(n):
-        raise ValueError(f"r={r} exceeds half of the {n} tokens; cap it with max_merge()")
-    n_a, n_b = (n + 1) // 2, n // 2
+        return Merge(protected=p)
+    if r > max_merge(n - p):
+        raise ValueError(f"r={r} exceeds half of the {n - p} mergeable tokens; cap it with max_merge()")
+    n_a, n_b = (n - p + 1) // 2, (n - p) // 2
     device = metric.device
     with torch.no_grad():
         if mode.startswith("random"):
             scores = torch.rand(g, n_a, device=device, generator=generator)
             partner = torch.randint(n_b, (g, n_a), device=device, generator=generator)
         else:
-            unit = F.normalize(metric, dim=-1)
+            unit = F.normalize(metric[:, p:], dim=-1)
             scores, partner = (unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)).max(dim=-1)
         order = scores.argsort(dim=-1, descending=True, stable=True)
         src_idx = order[:, :r]
@@ -82,45 +147,20 @@ def bipartite_match(
         dst_idx = partner.gather(1, src_idx)
         keep_b = None
         if mode == "hybrid":
-            similar = (scores.gather(1, src_idx) >= threshold).to(metric.dtype)
-            keep_b = metric.new_ones(g, n_b).scatter_reduce(1, dst_idx, similar, reduce="amin")
-    drops = mode in ("drop", "random_drop")
-
-    def merge(x: Tensor) -> Tensor:
-        d = x.shape[-1]
-        a, b = x[:, ::2], x[:, 1::2]
-        kept = a.gather(1, unm_idx.unsqueeze(-1).expand(g, n_a - r, d))
-        if drops:
-            return torch.cat([kept, b], dim=1)
-        src = a.gather(1, src_idx.unsqueeze(-1).expand(g, r, d))
-        if keep_b is not None:
-            b = b * keep_b.unsqueeze(-1).to(b.dtype)
-        b = b.scatter_add(1, dst_idx.unsqueeze(-1).expand(g, r, d), src)
-        return torch.cat([kept, b], dim=1)
-
-    merge.averages = not drops  # type: ignore[attr-defined]
-    return merge
+            similar = (scores.gather(1, src_idx) >= threshold).float()
+            keep_b = similar.new_ones(g, n_b).scatter_reduce(1, dst_idx, similar, reduce="amin")
+    return Merge(p, r, unm_idx, src_idx, dst_idx, keep_b, drops=mode in ("drop", "random_drop"))
 
 
 def merge_tokens(
-    merge: Merge, x: Tensor, size: Tensor, source: Tensor | None = None
+    merge: Merge, x: Tensor, size: Tensor | None, source: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Apply ``merge`` to features ``x`` ``[G, N, C]``, sizes ``[G, N, 1]`` and, if given, source ``[G, N, N0]``.
-
-    Merged features are size-weighted averages (computed in the sizes' dtype, float32, and cast back);
-    sizes and source maps are summed, so a merge conserves both.
+    """Apply ``merge`` to features ``x`` ``[G, N, C]``, sizes ``[G, N, 1]`` (None: all ones) and, if given,
+    source maps ``[G, N, N0]``. Features are size-weighted averages; sizes and sources are summed, so a
+    merge conserves both.
     """
-    if merge is _identity:
-        return x, size, source
-    if getattr(merge, "averages", True):
-        new_size = merge(size)
-        x = (merge(x * size) / new_size).to(x.dtype)
-        size = new_size
-    else:
-        x, size = merge(x), merge(size)
-    if source is not None:
-        source = merge(source)
-    return x, size, source
+    x, size = merge.average(x, size)
+    return x, size, None if source is None else merge(source)
 
 
 def attention_bias(size: Tensor, dtype: torch.dtype) -> Tensor:

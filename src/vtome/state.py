@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from vtome.merge import (
     HEAD_AGGREGATIONS,
@@ -18,6 +19,14 @@ from vtome.merge import (
     merge_tokens,
     parse_schedule,
 )
+
+# Profiler range around all matching and merging work (the benchmark reads it to report the overhead).
+PROFILE_RANGE = "vtome.merge"
+
+
+class CapWarning(UserWarning):
+    """A layer was asked to merge more than half of its mergeable tokens and was capped."""
+
 
 RSetting = int | tuple[int, float] | list[int]
 
@@ -103,8 +112,9 @@ class Layout:
     """Where the mergeable groups sit in a model's token sequence ``[B, N, D]``.
 
     ``protected`` leading tokens (a class token) are never merged. With ``frames=None`` (joint
-    space-time) the rest of the clip is one group; with ``frames=T`` (divided space-time) each frame is
-    a group, its tokens stored time-minor (``index = p + slot*T + t``, TimeSformer) or time-major
+    space-time) the whole clip is one group and the matching skips the protected tokens; with
+    ``frames=T`` (divided space-time) each frame is a group, the protected tokens are set aside, and the
+    frame tokens are stored time-minor (``index = p + slot*T + t``, TimeSformer) or time-major
     (``index = p + t*n + slot``).
     """
 
@@ -112,11 +122,16 @@ class Layout:
     frames: int | None = None
     time_minor: bool = True
 
+    @property
+    def group_protected(self) -> int:
+        """Protected tokens at the start of each group (joint layouts keep them in the group)."""
+        return self.protected if self.frames is None else 0
+
     def split(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``[B, N, D]`` -> protected ``[B, p, D]`` and groups ``[G, n, D]``."""
-        head, body = t[:, : self.protected], t[:, self.protected :]
+        """``[B, N, D]`` -> set-aside tokens ``[B, p, D]`` and groups ``[G, n, D]`` (views where possible)."""
         if self.frames is None:
-            return head, body
+            return t[:, :0], t
+        head, body = t[:, : self.protected], t[:, self.protected :]
         b, m, d = body.shape
         f = self.frames
         if self.time_minor:
@@ -125,27 +140,26 @@ class Layout:
 
     def join(self, head: Tensor, groups: Tensor) -> Tensor:
         """Inverse of :meth:`split` for any group length."""
-        if self.frames is not None:
-            g, n, d = groups.shape
-            b, f = g // self.frames, self.frames
-            groups = groups.reshape(b, f, n, d)
-            groups = (groups.transpose(1, 2) if self.time_minor else groups).reshape(b, n * f, d)
+        if self.frames is None:
+            return groups
+        g, n, d = groups.shape
+        b, f = g // self.frames, self.frames
+        groups = groups.reshape(b, f, n, d)
+        groups = (groups.transpose(1, 2) if self.time_minor else groups).reshape(b, n * f, d)
         return torch.cat([head, groups], dim=1)
-
-    def group_size(self, num_tokens: int) -> int:
-        """Tokens per group for a sequence of ``num_tokens``."""
-        return (num_tokens - self.protected) // (self.frames or 1)
 
 
 @dataclass
 class RunInfo:
     """What the last forward of a patched model did.
 
-    ``tokens_per_layer``: tokens leaving each layer after its merge (class token included, whole clip);
+    ``input_tokens``: tokens entering the first layer; ``tokens_per_layer``: tokens leaving each layer after
+    its merge (class token included, whole clip);
     ``size``: ``[B, N, 1]`` input patches each output token stands for (None if nothing was merged);
     ``source``: ``[B, N, N0]`` which input tokens each output token covers (with ``trace_source=True``).
     """
 
+    input_tokens: int = 0
     tokens_per_layer: list[int] = field(default_factory=list)
     size: Tensor | None = None
     source: Tensor | None = None
@@ -183,7 +197,8 @@ class MergeState:
     def capture_keys(self, layer: int, keys: Tensor) -> None:
         """Record the metric of ``layer`` from its projected keys ``[G, N, H*d]``, if that layer merges."""
         if self.r_at(layer) > 0:
-            self.metric = aggregate_heads(keys.detach(), self.num_heads, self.settings.head_aggregation)
+            with record_function(PROFILE_RANGE):
+                self.metric = aggregate_heads(keys.detach(), self.num_heads, self.settings.head_aggregation)
 
     @property
     def size(self) -> Tensor | None:
@@ -204,9 +219,12 @@ class MergeState:
         ``metric`` is in group layout ``[G, n, c]``; by default the one captured from the keys, split
         with the layout.
         """
+        if layer == 0:
+            self.run.input_tokens = x.shape[1]
         r = self.r_at(layer)
         if r > 0:
-            x = self._merge(layer, x, r, metric)
+            with record_function(PROFILE_RANGE):
+                x = self._merge(layer, x, r, metric)
         self.run.tokens_per_layer.append(x.shape[1])
         return x
 
@@ -217,7 +235,8 @@ class MergeState:
                 raise RuntimeError(f"vtome: no attention keys were captured for layer {layer}")
             metric = layout.split(self.metric)[1]
         self.metric = None
-        n = metric.shape[1]
+        p = layout.group_protected
+        n = metric.shape[1] - p
         cap = max_merge(n)
         if r > cap:
             if layer not in self._warned:
@@ -226,27 +245,26 @@ class MergeState:
                 warnings.warn(
                     f"vtome: layer {layer} asked to merge r={r}{unit} but has {n} mergeable tokens{unit}; "
                     f"capped at {cap} (half of them)",
+                    CapWarning,
                     stacklevel=2,
                 )
             r = cap
         if r == 0:
             return x
         s = self.settings
-        merge = bipartite_match(metric, r, mode=s.mode, threshold=s.threshold, generator=self._rng(x))
-        size = self.run.size
-        if size is None:
-            size = torch.ones(*x.shape[:2], 1, device=x.device, dtype=torch.float32)
+        merge = bipartite_match(metric, r, protected=p, mode=s.mode, threshold=s.threshold, generator=self._rng(x))
         source = self.run.source
         if s.trace_source and source is None:
-            eye = torch.eye(x.shape[1], device=x.device, dtype=torch.float32)
-            source = eye.expand(x.shape[0], -1, -1)
-        (x_head, x_body), (s_head, s_body) = layout.split(x), layout.split(size)
-        x_body, s_body, src_body = merge_tokens(
-            merge, x_body, s_body, layout.split(source)[1] if source is not None else None
-        )
+            source = torch.eye(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1, -1)
+        x_head, x_body = layout.split(x)
+        s_head, s_body = layout.split(self.run.size) if self.run.size is not None else (None, None)
+        src_head, src_body = layout.split(source) if source is not None else (None, None)
+        x_body, s_body, src_body = merge_tokens(merge, x_body, s_body, src_body)
+        if s_head is None:  # first merge: the set-aside tokens have size 1
+            s_head = s_body.new_ones(x_head.shape[0], x_head.shape[1], 1)
         self.run.size = layout.join(s_head, s_body)
         if source is not None:
-            self.run.source = layout.join(layout.split(source)[0], src_body)
+            self.run.source = layout.join(src_head, src_body)
         self._bias = None
         return layout.join(x_head, x_body)
 

@@ -1,0 +1,5 @@
+import sys
+
+from vtome.cli import main
+
+sys.exit(main())

@@ -1,0 +1,343 @@
+"""``vtome bench``: throughput, latency, memory and FLOPs of a model at several ``r``, measured honestly.
+
+Method: every variant (the unpatched model with its stock attention, and one patched copy per ``r``) is
+built once; all get warm-up runs; then timing rounds run each variant once per round, in a rotating
+order, so drift and thermal changes hit all of them alike. Timings are wall-clock with the device
+synchronised before and after; figures are medians (and 90th percentiles) over the rounds. Peak memory
+and the share of time spent matching and merging come from separate, untimed runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import functools
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+import vtome
+from vtome.flops import stack_flops
+from vtome.models import adapter_for
+from vtome.state import PROFILE_RANGE, CapWarning
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORWARD_RANGE = "vtome.forward"
+
+
+@dataclass
+class BenchConfig:
+    """What to measure; ``rs`` are tokens removed per layer (per frame for divided space-time models)."""
+
+    model: str
+    rs: list[int]
+    mode: str = "merge"
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    device: str = "cpu"
+    dtype: str = "fp32"
+    attn: str = "sdpa"
+    compile: bool = False
+    warmup: int = 2
+    repeats: int = 5
+    threads: int | None = None
+    prop_attn: bool | None = None
+
+    def validate(self) -> None:
+        if not self.rs:
+            raise ValueError("--r needs at least one value, e.g. --r 0,50,100")
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in self.rs):
+            raise ValueError(f"--r values must be ints >= 0; got {self.rs}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"--batch-size values must be ints >= 1; got {self.batch_sizes}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.attn not in ("sdpa", "eager"):
+            raise ValueError(f"--attn must be sdpa or eager; got {self.attn!r}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device must be cpu or cuda; got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        if self.warmup < 0 or self.repeats < 1:
+            raise ValueError("--warmup must be >= 0 and --repeats >= 1")
+        if self.mode not in vtome.MODES:
+            raise ValueError(f"--mode must be one of {', '.join(vtome.MODES)}; got {self.mode!r}")
+
+
+def machine_info(device: str) -> dict[str, object]:
+    """The machine the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "python": platform.python_version(),
+    }
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _heap_reader() -> Callable[[], int] | None:
+    """Bytes currently allocated by glibc malloc (all arenas plus mmapped blocks), or None elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def read() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return read
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Peak memory one call adds: CUDA max allocated, or on CPU the sampled peak of allocated heap bytes."""
+    if device.startswith("cuda"):
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    read = _heap_reader()
+    if read is None:
+        return None
+    start = read()
+    peak, done = [start], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], read())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return (peak[0] - start) / 2**20
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence the profiler's native start/stop lines (written straight to file descriptor 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def overhead_share(fn: Callable[[], object], device: str) -> float:
+    """Share of one forward's time spent in vtome's matching and merging, from the PyTorch profiler."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    cuda = device.startswith("cuda")
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with _quiet_native_stderr(), torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.record_function(FORWARD_RANGE):
+            fn()
+        _sync(device)
+    events = {e.key: e for e in prof.key_averages()}
+    if FORWARD_RANGE not in events or PROFILE_RANGE not in events:
+        return 0.0
+    total, merge = events[FORWARD_RANGE], events[PROFILE_RANGE]
+    if cuda and total.device_time_total > 0:
+        return merge.device_time_total / total.device_time_total
+    return merge.cpu_time_total / max(total.cpu_time_total, 1e-9)
+
+
+@dataclass
+class _Variant:
+    r: int
+    model: nn.Module
+    forward: Callable[[torch.Tensor], object]
+    latencies: list[float] = field(default_factory=list)
+
+
+def run_benchmark(cfg: BenchConfig, on_step: Callable[[str], None] | None = None) -> dict[str, object]:
+    """Measure ``cfg``; returns ``{"machine", "config", "results"}`` with one result per (r, batch size).
+
+    ``on_step`` is called with a short label after every timed or warm-up forward (for progress bars).
+    """
+    cfg.validate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CapWarning)  # capped layers show in tokens_per_layer
+        return _run(cfg, on_step)
+
+
+def _run(cfg: BenchConfig, on_step: Callable[[str], None] | None) -> dict[str, object]:
+    from vtome.zoo import load_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device, dtype = cfg.device, DTYPES[cfg.dtype]
+    base = load_model(cfg.model, attn=cfg.attn).to(device=device, dtype=dtype)
+    config = base.config
+    frames = config.num_frames
+    family_frames = config.num_frames if type(base).__name__.startswith("Timesformer") else None
+
+    variants = [_Variant(0, base, _forward_fn(base, cfg.compile))]
+    for r in sorted({r for r in cfg.rs if r > 0}):
+        model = vtome.patch(copy.deepcopy(base), r=r, mode=cfg.mode, prop_attn=cfg.prop_attn, seed=0)
+        variants.append(_Variant(r, model, _forward_fn(model, cfg.compile)))
+    step = on_step or (lambda _label: None)
+    results = []
+    for batch in cfg.batch_sizes:
+        x = torch.randn(batch, frames, config.num_channels, config.image_size, config.image_size, generator=None)
+        x = x.to(device=device, dtype=dtype)
+        tokens: dict[int, tuple[int, list[int]]] = {}
+        for v in variants:
+            v.latencies = []
+            v.forward(x)  # first call: compiles if asked, and records the token counts
+            if v.r > 0:
+                run = vtome.last_run(v.model)
+                tokens[v.r] = (run.input_tokens, list(run.tokens_per_layer))
+            for _ in range(cfg.warmup):
+                v.forward(x)
+                step(f"warm-up r={v.r} b={batch}")
+        for round_ in range(cfg.repeats):
+            shift = round_ % len(variants)
+            for v in variants[shift:] + variants[:shift]:
+                _sync(device)
+                start = time.perf_counter()
+                v.forward(x)
+                _sync(device)
+                v.latencies.append(time.perf_counter() - start)
+                step(f"timing r={v.r} b={batch}")
+        n0 = next((t[0] for t in tokens.values()), _input_tokens(base, x))
+        layers = len(adapter_for(base).layers(base))
+        base_flops = stack_flops(n0, [n0] * layers, config.hidden_size, family_frames)
+        base_median = statistics.median(variants[0].latencies)
+        for v in variants:
+            n_in, per_layer = tokens.get(v.r, (n0, [n0] * layers))
+            flops = stack_flops(n_in, per_layer, config.hidden_size, family_frames)
+            median = statistics.median(v.latencies)
+            speedup = base_median / median
+            flop_ratio = base_flops / flops
+            results.append(
+                {
+                    "model": cfg.model,
+                    "mode": cfg.mode,
+                    "r": v.r,
+                    "baseline": v.r == 0,
+                    "batch_size": batch,
+                    "clips_per_s": batch / median,
+                    "frames_per_s": batch * frames / median,
+                    "latency_ms_median": median * 1e3,
+                    "latency_ms_p90": _percentile(v.latencies, 0.9) * 1e3,
+                    "peak_mem_mb": peak_memory_mb(functools.partial(v.forward, x), device),
+                    "gflops": flops / 1e9,
+                    "flop_ratio": flop_ratio,
+                    "speedup": speedup,
+                    "speedup_over_flop_ratio": speedup / flop_ratio,
+                    "overhead_share": overhead_share(functools.partial(v.forward, x), device) if v.r > 0 else 0.0,
+                    "tokens_per_layer": per_layer,
+                    "repeats": len(v.latencies),
+                }
+            )
+    return {"machine": machine_info(device), "config": {**cfg.__dict__}, "results": results}
+
+
+def _forward_fn(model: nn.Module, compile_model: bool) -> Callable[[torch.Tensor], object]:
+    target = torch.compile(model) if compile_model else model
+
+    def forward(x: torch.Tensor) -> object:
+        with torch.inference_mode():
+            return target(pixel_values=x)
+
+    return forward
+
+
+def _input_tokens(model: nn.Module, x: torch.Tensor) -> int:
+    """Tokens entering the first layer, from one forward of a patched copy with ``r=0``."""
+    probe = vtome.patch(copy.deepcopy(model), r=0)
+    with torch.inference_mode():
+        probe(pixel_values=x)
+    return vtome.last_run(probe).input_tokens
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def total_forwards(cfg: BenchConfig) -> int:
+    """Number of warm-up and timed forwards :func:`run_benchmark` reports through ``on_step``."""
+    variants = 1 + len({r for r in cfg.rs if r > 0})
+    return len(cfg.batch_sizes) * variants * (cfg.warmup + cfg.repeats)
+
+
+def plot_speedup(report: dict[str, object], path: str) -> None:
+    """PNG of measured speedup vs r, one line per batch size, with the FLOP-ratio bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for batch in sorted({row["batch_size"] for row in results}):
+        rows = sorted((row for row in results if row["batch_size"] == batch), key=lambda row: row["r"])
+        ax.plot([x["r"] for x in rows], [x["speedup"] for x in rows], "o-", label=f"measured, batch {batch}")
+    rows = sorted({row["r"]: row for row in results}.values(), key=lambda row: row["r"])
+    ax.plot([x["r"] for x in rows], [x["flop_ratio"] for x in rows], "k--", label="FLOP ratio (upper bound)")
+    machine = report["machine"]
+    where = machine["gpu"] or f"{machine['cpu']} ({machine['threads']} threads)"
+    ax.set_xlabel("r (tokens merged per layer)")
+    ax.set_ylabel("speedup vs unpatched (SDPA)")
+    ax.set_title(f"{results[0]['model']} · {report['config']['dtype']} · {where}", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,153 @@
+"""The ``vtome`` command line: ``vtome bench`` (and more tools as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="throughput, latency, memory and FLOPs at several r",
+        description="Measure a model unpatched and patched at each r, interleaved in one process.",
+    )
+    p.add_argument("--model", required=True, help="built-in name (e.g. videomae-base), local directory or hub id")
+    p.add_argument(
+        "--r",
+        type=_ints,
+        default=[0, 50, 100, 150],
+        help="comma-separated r values (per frame for "
+        "divided space-time models); r=0 is the unpatched baseline (default: 0,50,100,150)",
+    )
+    p.add_argument("--mode", default="merge", help="merge, drop, random_merge, random_drop or hybrid")
+    p.add_argument("--batch-size", type=_ints, default=[1], help="comma-separated batch sizes (default: 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    p.add_argument("--attn", default="sdpa", help="attention backend of the baseline and the patched models")
+    p.add_argument("--prop-attn", default=None, choices=["on", "off"], help="override the family default")
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up forwards per variant (default: 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (default: 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG of speedup vs r with the FLOP bound")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import transformers
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from vtome.bench import BenchConfig, plot_speedup, run_benchmark, total_forwards
+
+    cfg = BenchConfig(
+        model=args.model,
+        rs=args.r,
+        mode=args.mode,
+        batch_sizes=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        attn=args.attn,
+        compile=args.compile,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        threads=args.threads,
+        prop_attn=None if args.prop_attn is None else args.prop_attn == "on",
+    )
+    cfg.validate()
+    transformers.utils.logging.disable_progress_bar()
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("[bold]bench[/] {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("loading", total=total_forwards(cfg))
+        report = run_benchmark(cfg, on_step=lambda label: progress.update(task, advance=1, description=label))
+    m = report["machine"]
+    out = Console(width=None if Console().is_terminal else 160)
+    out.print(
+        f"[bold]{args.model}[/] · {cfg.dtype} · attn {cfg.attn} · mode {cfg.mode} · device {m['device']}"
+        f" ({m['gpu'] or m['cpu']}) · torch {m['torch']} · {m['threads']} threads"
+    )
+    table = Table()
+    for col in (
+        "r",
+        "batch",
+        "clips/s",
+        "frames/s",
+        "p50 ms",
+        "p90 ms",
+        "peak MB",
+        "GFLOPs",
+        "FLOP ratio",
+        "speedup",
+        "of bound",
+        "merge time",
+    ):
+        table.add_column(col, justify="right")
+    for row in report["results"]:
+        mem = "-" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.0f}"
+        table.add_row(
+            "baseline" if row["baseline"] else str(row["r"]),
+            str(row["batch_size"]),
+            f"{row['clips_per_s']:.2f}",
+            f"{row['frames_per_s']:.1f}",
+            f"{row['latency_ms_median']:.1f}",
+            f"{row['latency_ms_p90']:.1f}",
+            mem,
+            f"{row['gflops']:.1f}",
+            f"{row['flop_ratio']:.2f}x",
+            f"{row['speedup']:.2f}x",
+            f"{row['speedup_over_flop_ratio']:.0%}",
+            f"{row['overhead_share']:.1%}",
+        )
+    out.print(table)
+    out.print(
+        "GFLOPs per clip, transformer layers only; 'of bound' = speedup / FLOP ratio; "
+        "'merge time' = share of the forward spent matching and merging (profiler)."
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        out.print(f"wrote {args.json}")
+    if args.plot:
+        plot_speedup(report, args.plot)
+        out.print(f"wrote {args.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtome", description="Token merging for video transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"vtome {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""FLOP model of a transformer stack from the tokens each layer sees (the upper bound on speedup).
+
+Per layer with ``n`` tokens entering and ``m`` leaving (merge after attention, before the MLP) and hidden
+size ``C`` (one multiply-add = 2 FLOPs):
+
+- joint space-time attention: ``8nC^2`` (q, k, v, output projections) + ``4n^2C`` (the two attention
+  matmuls); MLP ``16mC^2``;
+- divided space-time (TimeSformer, ``n = 1 + sT`` for ``s`` slots x ``T`` frames): temporal attention
+  ``8sTC^2 + 4sT^2C`` plus its extra projection ``2sTC^2``; spatial attention per frame with the class
+  token ``8T(1+s)C^2 + 4T(1+s)^2C``; MLP ``16mC^2``.
+
+Embedding, head, layer norms, softmax and the matching itself are left out: they are small, and the
+ratio of two such counts is the speedup a perfect implementation would get.
+"""
+
+from __future__ import annotations
+
+
+def layer_flops(n: int, m: int, hidden: int, frames: int | None = None) -> float:
+    """FLOPs of one layer: ``n`` tokens in, ``m`` out; ``frames`` set for divided space-time attention."""
+    c = hidden
+    if frames is None:
+        attention = 8 * n * c * c + 4 * n * n * c
+    else:
+        t = frames
+        s = (n - 1) // t
+        temporal = 8 * s * t * c * c + 4 * s * t * t * c + 2 * s * t * c * c
+        spatial = 8 * t * (1 + s) * c * c + 4 * t * (1 + s) ** 2 * c
+        attention = temporal + spatial
+    return float(attention + 16 * m * c * c)
+
+
+def stack_flops(input_tokens: int, tokens_per_layer: list[int], hidden: int, frames: int | None = None) -> float:
+    """FLOPs of all layers for one clip, from the tokens entering the first layer and leaving each layer."""
+    total, n = 0.0, input_tokens
+    for m in tokens_per_layer:
+        total += layer_flops(n, m, hidden, frames)
+        n = m
+    return total

@@ -1,0 +1,98 @@
+"""Built-in model names, local checkpoint directories and hub ids -> a ready model (tools use this)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch.nn as nn
+
+# name -> (transformers class name, config class name, config overrides, description)
+_BUILTIN: dict[str, tuple[str, str, dict, str]] = {
+    "videomae-base": (
+        "VideoMAEForVideoClassification",
+        "VideoMAEConfig",
+        {"num_labels": 400},
+        "VideoMAE-B, 16 frames x 224 px, tubelet 2: 1568 tokens, mean pooling (random weights)",
+    ),
+    "vivit-base": (
+        "VivitForVideoClassification",
+        "VivitConfig",
+        {"num_labels": 400},
+        "ViViT-B 16x2, 32 frames x 224 px: 3136 tokens + class token (random weights)",
+    ),
+    "timesformer-base": (
+        "TimesformerForVideoClassification",
+        "TimesformerConfig",
+        {"num_labels": 400},
+        "TimeSformer-B divided space-time, 8 frames x 224 px: 8 x 196 tokens + class token (random weights)",
+    ),
+}
+
+# Extra built-ins registered by other modules (e.g. the bundled demo checkpoints): name -> (loader, description).
+_EXTRA: dict[str, tuple[Callable[[], nn.Module], str]] = {}
+
+
+def register(name: str, loader: Callable[[], nn.Module], description: str) -> None:
+    """Add a built-in model name."""
+    _EXTRA[name] = (loader, description)
+
+
+def builtin_names() -> dict[str, str]:
+    """Built-in names with a one-line description each."""
+    _load_extras()
+    return {**{k: v[3] for k, v in _BUILTIN.items()}, **{k: v[1] for k, v in _EXTRA.items()}}
+
+
+def _load_extras() -> None:
+    """Import the modules that register extra built-ins (none yet)."""
+
+
+def load_model(name_or_path: str, attn: str | None = "sdpa") -> nn.Module:
+    """A model in eval mode from a built-in name, a local ``save_pretrained`` directory, or a hub id.
+
+    ``attn`` picks the attention backend where the family has a choice (``sdpa`` or ``eager``);
+    TimeSformer has only its own attention and ignores it.
+    """
+    import transformers
+
+    _load_extras()
+    if name_or_path in _BUILTIN:
+        cls_name, cfg_name, overrides, _ = _BUILTIN[name_or_path]
+        model = getattr(transformers, cls_name)(getattr(transformers, cfg_name)(**overrides))
+    elif name_or_path in _EXTRA:
+        model = _EXTRA[name_or_path][0]()
+    elif os.path.isdir(name_or_path):
+        config = transformers.AutoConfig.from_pretrained(name_or_path)
+        model = _class_for(config, name_or_path).from_pretrained(name_or_path)
+    elif "/" not in name_or_path or name_or_path.startswith((".", "/", "~")):
+        raise ValueError(f"unknown model {name_or_path!r}: not a built-in name or a directory. {_choices()}")
+    else:
+        try:
+            config = transformers.AutoConfig.from_pretrained(name_or_path)
+        except OSError as err:
+            raise ValueError(
+                f"model {name_or_path!r} is not a local directory and the hub could not provide it "
+                f"({err.__class__.__name__}). {_choices()}"
+            ) from None
+        model = _class_for(config, name_or_path).from_pretrained(name_or_path)
+    if attn is not None and getattr(model, "_supports_sdpa", False):
+        model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def _choices() -> str:
+    return "Built-in names: " + ", ".join(builtin_names()) + "; or a directory written by save_pretrained."
+
+
+def _class_for(config: object, where: str) -> type:
+    import transformers
+
+    from vtome.models import REGISTRY
+
+    names = list(getattr(config, "architectures", None) or [])
+    names += [n for n in REGISTRY if n.lower().startswith(config.model_type) and "ForVideo" in n]
+    for name in names:
+        if name in REGISTRY:
+            return getattr(transformers, name)
+    raise ValueError(f"{where}: model type {config.model_type!r} is not supported; supported: {', '.join(REGISTRY)}")

@@ -1,0 +1,139 @@
+"""``vtome bench`` on tiny local models: fields, FLOP counts, errors (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny
+
+from vtome.bench import BenchConfig, run_benchmark
+from vtome.cli import main
+from vtome.flops import layer_flops, stack_flops
+
+FIELDS = {
+    "model",
+    "mode",
+    "r",
+    "batch_size",
+    "clips_per_s",
+    "frames_per_s",
+    "latency_ms_median",
+    "latency_ms_p90",
+    "peak_mem_mb",
+    "gflops",
+    "flop_ratio",
+    "speedup",
+    "overhead_share",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_vivit")
+    tiny("vivit", num_hidden_layers=2).save_pretrained(path)
+    return str(path)
+
+
+def test_cli_writes_json_with_every_field_and_a_plot(tiny_dir, tmp_path, capsys):
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    code = main(
+        [
+            "bench",
+            "--model",
+            tiny_dir,
+            "--r",
+            "0,4,8",
+            "--batch-size",
+            "1,2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+        ]
+    )
+    assert code == 0
+    report = json.loads(out_json.read_text())
+    assert {"cpu", "gpu", "torch", "threads"} <= set(report["machine"])
+    rows = report["results"]
+    assert len(rows) == 6 and all(FIELDS <= set(row) for row in rows)
+    assert {(row["r"], row["batch_size"]) for row in rows} == {(r, b) for r in (0, 4, 8) for b in (1, 2)}
+    for row in rows:
+        assert row["clips_per_s"] > 0 and row["latency_ms_p90"] >= row["latency_ms_median"] > 0
+        assert row["peak_mem_mb"] > 0
+        assert row["frames_per_s"] == pytest.approx(row["clips_per_s"] * 8)
+        if row["r"] == 0:
+            assert row["speedup"] == 1.0 and row["flop_ratio"] == 1.0 and row["overhead_share"] == 0.0
+        else:
+            assert row["flop_ratio"] > 1.0 and 0.0 < row["overhead_share"] < 1.0
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_flops_match_hand_calculation_for_two_layers(tiny_dir):
+    report = run_benchmark(BenchConfig(model=tiny_dir, rs=[0, 10], warmup=0, repeats=1))
+    base, merged = report["results"]
+    c = 64
+    # 65 tokens (64 patches + class token); layer 0 merges 10 -> 55, layer 1 merges 10 -> 45
+    hand_base = 2 * (8 * 65 * c * c + 4 * 65 * 65 * c + 16 * 65 * c * c)
+    hand_merged = (8 * 65 * c * c + 4 * 65 * 65 * c + 16 * 55 * c * c) + (
+        8 * 55 * c * c + 4 * 55 * 55 * c + 16 * 45 * c * c
+    )
+    assert merged["tokens_per_layer"] == [55, 45]
+    assert base["gflops"] * 1e9 == pytest.approx(hand_base)
+    assert merged["gflops"] * 1e9 == pytest.approx(hand_merged)
+    assert merged["flop_ratio"] == pytest.approx(hand_base / hand_merged)
+    assert base["flop_ratio"] == 1.0
+
+
+def test_paper_flop_ratios():
+    def schedule(n0: int, r: int, protected: int) -> list[int]:
+        out, n = [], n0
+        for _ in range(12):
+            n -= min(r, (n - protected) // 2)
+            out.append(n)
+        return out
+
+    for n0, r, protected, expected in ((1568, 150, 0, 2.47), (3137, 300, 1, 2.56)):
+        ratio = stack_flops(n0, [n0] * 12, 768) / stack_flops(n0, schedule(n0, r, protected), 768)
+        assert ratio == pytest.approx(expected, abs=0.005)
+
+
+def test_divided_flops_count_temporal_and_spatial_attention():
+    # 1 + 2 slots x 3 frames, C=4, no merge: temporal 8*6*16 + 4*2*9*4 + 2*6*16, spatial 8*3*3*16 + 4*3*9*4
+    expected = 8 * 6 * 16 + 4 * 2 * 9 * 4 + 2 * 6 * 16 + 8 * 3 * 3 * 16 + 4 * 3 * 9 * 4 + 16 * 7 * 16
+    assert layer_flops(7, 7, 4, frames=3) == expected
+
+
+def test_timesformer_bench_runs(tmp_path):
+    tiny("timesformer", num_hidden_layers=2).save_pretrained(tmp_path)
+    report = run_benchmark(BenchConfig(model=str(tmp_path), rs=[0, 3], warmup=0, repeats=1))
+    assert report["results"][1]["tokens_per_layer"] == [1 + 4 * 13, 1 + 4 * 10]
+    assert report["results"][1]["flop_ratio"] > 1.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "videomae-huge"], "unknown model 'videomae-huge'.*Built-in names: videomae-base"),
+        (["--model", "videomae-base", "--r", ""], "--r needs at least one value"),
+        (["--model", "videomae-base", "--device", "cuda"], "no CUDA GPU is available"),
+        (["--model", "videomae-base", "--dtype", "fp8"], "--dtype must be one of fp32, bf16, fp16"),
+        (["--model", "videomae-base", "--mode", "average"], "--mode must be one of merge"),
+        (["--model", "./no/such/dir"], "unknown model './no/such/dir'"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(argv, message, capsys):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "vtome bench: error:" in err
+    import re
+
+    assert re.search(message, err), err
