@@ -151,6 +151,8 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
             peak[0] = max(peak[0], read())
             time.sleep(0.0002)
 
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # let the sampler run between short ops too
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
@@ -158,6 +160,7 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     finally:
         done.set()
         sampler.join()
+        sys.setswitchinterval(interval)
     return (peak[0] - start) / 2**20
 
 
