@@ -178,8 +178,11 @@ def _quiet_native_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def overhead_share(fn: Callable[[], object], device: str) -> float:
-    """Share of one forward's time spent in vtome's matching and merging, from the PyTorch profiler."""
+def overhead_share(fn: Callable[[], object], device: str) -> float | None:
+    """Share of one forward's time spent in vtome's matching and merging, from the PyTorch profiler.
+
+    None when the profiler cannot see vtome's range (a compiled model fuses it away).
+    """
     activities = [torch.profiler.ProfilerActivity.CPU]
     cuda = device.startswith("cuda")
     if cuda:
@@ -190,7 +193,7 @@ def overhead_share(fn: Callable[[], object], device: str) -> float:
         _sync(device)
     events = {e.key: e for e in prof.key_averages()}
     if FORWARD_RANGE not in events or PROFILE_RANGE not in events:
-        return 0.0
+        return None
     total, merge = events[FORWARD_RANGE], events[PROFILE_RANGE]
     if cuda and total.device_time_total > 0:
         return merge.device_time_total / total.device_time_total
