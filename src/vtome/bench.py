@@ -27,8 +27,7 @@ import torch
 import torch.nn as nn
 
 import vtome
-from vtome.flops import stack_flops
-from vtome.models import adapter_for
+from vtome.flops import last_run_flops
 from vtome.state import PROFILE_RANGE, CapWarning
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -228,7 +227,6 @@ def _run(cfg: BenchConfig, on_step: Callable[[str], None] | None) -> dict[str, o
     base = load_model(cfg.model, attn=cfg.attn).to(device=device, dtype=dtype)
     config = base.config
     frames = config.num_frames
-    family_frames = config.num_frames if type(base).__name__.startswith("Timesformer") else None
 
     variants = [_Variant(0, base, _forward_fn(base, cfg.compile))]
     for r in sorted({r for r in cfg.rs if r > 0}):
@@ -239,13 +237,14 @@ def _run(cfg: BenchConfig, on_step: Callable[[str], None] | None) -> dict[str, o
     for batch in cfg.batch_sizes:
         x = torch.randn(batch, frames, config.num_channels, config.image_size, config.image_size, generator=None)
         x = x.to(device=device, dtype=dtype)
-        tokens: dict[int, tuple[int, list[int]]] = {}
+        tokens, flop_counts = {}, {}
         for v in variants:
             v.latencies = []
-            v.forward(x)  # first call: compiles if asked, and records the token counts
-            if v.r > 0:
-                run = vtome.last_run(v.model)
-                tokens[v.r] = (run.input_tokens, list(run.tokens_per_layer))
+            counted = v.model if v.r > 0 else vtome.patch(copy.deepcopy(base), r=0)
+            _forward_fn(counted, False)(x)  # records the token counts
+            tokens[v.r] = list(vtome.last_run(counted).tokens_per_layer)
+            flop_counts[v.r] = last_run_flops(counted)
+            v.forward(x)  # first call: compiles if asked
             for _ in range(cfg.warmup):
                 v.forward(x)
                 step(f"warm-up r={v.r} b={batch}")
@@ -258,16 +257,12 @@ def _run(cfg: BenchConfig, on_step: Callable[[str], None] | None) -> dict[str, o
                 _sync(device)
                 v.latencies.append(time.perf_counter() - start)
                 step(f"timing r={v.r} b={batch}")
-        n0 = next((t[0] for t in tokens.values()), _input_tokens(base, x))
-        layers = len(adapter_for(base).layers(base))
-        base_flops = stack_flops(n0, [n0] * layers, config.hidden_size, family_frames)
         base_median = statistics.median(variants[0].latencies)
         for v in variants:
-            n_in, per_layer = tokens.get(v.r, (n0, [n0] * layers))
-            flops = stack_flops(n_in, per_layer, config.hidden_size, family_frames)
+            unmerged, flops = flop_counts[v.r]
             median = statistics.median(v.latencies)
             speedup = base_median / median
-            flop_ratio = base_flops / flops
+            flop_ratio = unmerged / flops
             results.append(
                 {
                     "model": cfg.model,
@@ -285,7 +280,7 @@ def _run(cfg: BenchConfig, on_step: Callable[[str], None] | None) -> dict[str, o
                     "speedup": speedup,
                     "speedup_over_flop_ratio": speedup / flop_ratio,
                     "overhead_share": overhead_share(functools.partial(v.forward, x), device) if v.r > 0 else 0.0,
-                    "tokens_per_layer": per_layer,
+                    "tokens_per_layer": tokens[v.r],
                     "repeats": len(v.latencies),
                 }
             )
@@ -300,14 +295,6 @@ def _forward_fn(model: nn.Module, compile_model: bool) -> Callable[[torch.Tensor
             return target(pixel_values=x)
 
     return forward
-
-
-def _input_tokens(model: nn.Module, x: torch.Tensor) -> int:
-    """Tokens entering the first layer, from one forward of a patched copy with ``r=0``."""
-    probe = vtome.patch(copy.deepcopy(model), r=0)
-    with torch.inference_mode():
-        probe(pixel_values=x)
-    return vtome.last_run(probe).input_tokens
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -1,4 +1,4 @@
-"""The ``vtome`` command line: ``vtome bench`` (and more tools as they land)."""
+"""The ``vtome`` command line: ``vtome bench``, ``vtome demo``."""
 
 from __future__ import annotations
 
@@ -132,10 +132,73 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="offline demo: bundled models on generated clips, every mode at ~2x fewer FLOPs",
+        description="Accuracy (appearance and temporal classes) and speed of the two bundled demo models, "
+        "unpatched and in every reduction mode at about half the FLOPs, on generated held-out clips.",
+    )
+    p.add_argument("--quick", action="store_true", help="45 clips per model instead of 300 (seconds, for tests)")
+    p.add_argument("--clips", type=int, default=None, help="held-out clips per model (default 300)")
+    p.add_argument("--flop-ratio", type=float, default=2.0, help="FLOP reduction to reach (default 2.0)")
+    p.add_argument("--threshold", type=float, default=0.8, help="hybrid threshold (default 0.8, the paper's VideoMAE)")
+    p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    p.add_argument("--out", metavar="DIR", default="demo_out", help="where the merge visualisation goes")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from vtome.demo.run import DemoConfig, run_demo
+
+    clips = args.clips or (45 if args.quick else 300)
+    if clips < 15 or args.flop_ratio <= 1.0:
+        raise ValueError("--clips must be >= 15 (one clip per class) and --flop-ratio > 1")
+    out = Console(width=None if Console().is_terminal else 140)
+    cfg = DemoConfig(clips=clips, target_flop_ratio=args.flop_ratio, threshold=args.threshold)
+    out.print(
+        f"[bold]vtome demo[/]: {clips} generated held-out clips per model; merging at ~{cfg.target_flop_ratio}x "
+        "fewer FLOPs"
+    )
+    table = Table()
+    for col in ("model", "mode", "r", "acc appearance", "acc temporal", "FLOP ratio", "clips/s", "speedup"):
+        table.add_column(col, justify="right" if col not in ("model", "mode") else "left")
+    with out.status("running") as status:
+
+        def show(row: dict) -> None:
+            status.update(f"{row['model']} {row['mode']} done")
+            table.add_row(
+                row["model"],
+                "unpatched" if row["r"] == 0 else row["mode"],
+                str(row["r"]),
+                f"{row['acc_appearance']:.1%}",
+                f"{row['acc_temporal']:.1%}",
+                f"{row['flop_ratio']:.2f}x",
+                f"{row['clips_per_s']:.1f}",
+                f"{row['speedup']:.2f}x",
+            )
+
+        rows = run_demo(cfg, on_row=show)
+    out.print(table)
+    out.print(
+        "r counts tokens merged per layer (per frame for demo-divided); speedup is measured while evaluating "
+        "(use `vtome bench` for careful timings)."
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        out.print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtome", description="Token merging for video transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
+    _add_demo(sub)
     return parser
 
 

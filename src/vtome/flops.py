@@ -15,6 +15,8 @@ ratio of two such counts is the speedup a perfect implementation would get.
 
 from __future__ import annotations
 
+import torch.nn as nn
+
 
 def layer_flops(n: int, m: int, hidden: int, frames: int | None = None) -> float:
     """FLOPs of one layer: ``n`` tokens in, ``m`` out; ``frames`` set for divided space-time attention."""
@@ -37,3 +39,14 @@ def stack_flops(input_tokens: int, tokens_per_layer: list[int], hidden: int, fra
         total += layer_flops(n, m, hidden, frames)
         n = m
     return total
+
+
+def last_run_flops(model: nn.Module) -> tuple[float, float]:
+    """``(unmerged, merged)`` FLOPs per clip of a patched ``model``'s last forward (ratio = speedup bound)."""
+    from vtome.patch import last_run, layout
+
+    run = last_run(model)
+    frames, hidden = layout(model).frames, model.config.hidden_size
+    n0 = run.input_tokens
+    unmerged = stack_flops(n0, [n0] * len(run.tokens_per_layer), hidden, frames)
+    return unmerged, stack_flops(n0, run.tokens_per_layer, hidden, frames)

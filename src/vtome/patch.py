@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from vtome.models import adapter_for, check_attention_backend, restore
-from vtome.state import MergeSettings, MergeState, RSetting, RunInfo
+from vtome.state import Layout, MergeSettings, MergeState, RSetting, RunInfo
 
 
 def patch(
@@ -93,3 +93,8 @@ def last_run(model: nn.Module) -> RunInfo:
 def settings(model: nn.Module) -> MergeSettings:
     """The live settings of a patched ``model``; assigning an attribute takes effect at the next forward."""
     return _state(model).settings
+
+
+def layout(model: nn.Module) -> Layout:
+    """Where a patched ``model``'s mergeable tokens sit (``frames`` is set for divided space-time models)."""
+    return _state(model).layout

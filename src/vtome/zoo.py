@@ -45,7 +45,8 @@ def builtin_names() -> dict[str, str]:
 
 
 def _load_extras() -> None:
-    """Import the modules that register extra built-ins (none yet)."""
+    """Import the modules that register extra built-ins: the bundled demo models."""
+    import vtome.demo.checkpoints  # noqa: F401
 
 
 def load_model(name_or_path: str, attn: str | None = "sdpa") -> nn.Module:

@@ -1,0 +1,72 @@
+"""The two small demo classifiers: their configs, and the bundled trained weights as built-in model names.
+
+- ``demo-joint``: VideoMAE architecture (joint space-time attention, spatio-temporal merging),
+  16 frames x 96 px, 16 px patches, tubelet 2: 8 x 36 = 288 tokens, mean pooling.
+- ``demo-divided``: TimeSformer architecture (divided space-time attention, per-frame merging),
+  8 frames x 96 px, 16 px patches: 8 x 36 tokens + class token.
+
+Both: hidden size 128, 4 layers, 4 heads, 15 classes (5 appearance + 10 temporal, see ``synth``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.nn as nn
+
+from vtome import zoo
+from vtome.demo.synth import CLASSES
+
+WEIGHTS = Path(__file__).parent / "weights"
+FAMILIES = {"joint": "demo-joint", "divided": "demo-divided"}
+_DIMS = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, image_size=96)
+
+
+def build(family: str, **overrides: object) -> nn.Module:
+    """An untrained demo model of ``family`` (``joint`` or ``divided``); ``overrides`` change the config."""
+    from transformers import (
+        TimesformerConfig,
+        TimesformerForVideoClassification,
+        VideoMAEConfig,
+        VideoMAEForVideoClassification,
+    )
+
+    labels = {"id2label": dict(enumerate(CLASSES)), "label2id": {c: i for i, c in enumerate(CLASSES)}}
+    kw = {**_DIMS, **labels, **overrides}
+    if family == "joint":
+        config = VideoMAEConfig(patch_size=16, num_frames=16, tubelet_size=2, use_mean_pooling=True, **kw)
+        return VideoMAEForVideoClassification(config)
+    if family == "divided":
+        config = TimesformerConfig(patch_size=16, num_frames=8, attention_type="divided_space_time", **kw)
+        return TimesformerForVideoClassification(config)
+    raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
+
+
+def weights_dir(family: str) -> Path:
+    return WEIGHTS / family
+
+
+def load(family: str) -> nn.Module:
+    """The bundled trained model of ``family``."""
+    path = weights_dir(family)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"no bundled weights for demo-{family} at {path}; train them with "
+            f"`python -m vtome.demo.train --family {family} --out {path}`"
+        )
+    return zoo.load_model(str(path), attn=None)
+
+
+def training_record(family: str) -> dict:
+    """How the bundled weights were made (command, seed, accuracy), from ``training.json``."""
+    return json.loads((weights_dir(family) / "training.json").read_text())
+
+
+for _family, _name in FAMILIES.items():
+    zoo.register(
+        _name,
+        lambda family=_family: load(family),
+        f"bundled demo classifier ({'VideoMAE' if _family == 'joint' else 'TimeSformer'} architecture, "
+        "trained on generated clips)",
+    )

@@ -1,0 +1,106 @@
+"""``vtome demo``: the method end to end, offline, on the bundled models and generated held-out clips."""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import vtome
+from vtome.demo import checkpoints
+from vtome.demo.synth import ClipSpec, is_temporal, make_batch, normalize
+from vtome.flops import last_run_flops
+from vtome.state import CapWarning
+
+MODES = ("merge", "drop", "random_merge", "random_drop", "hybrid")
+
+
+@dataclass
+class DemoConfig:
+    clips: int = 300  # held-out clips per model (20 per class)
+    target_flop_ratio: float = 2.0
+    threshold: float = 0.8  # hybrid: the paper's VideoMAE value
+    batch_size: int = 25
+    seed: int = 0  # data seed of the bundled models' held-out split
+
+
+def flop_ratio(model: nn.Module, clip: torch.Tensor) -> float:
+    """FLOP ratio (unpatched / patched) of a patched ``model`` from one forward of ``clip``."""
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", CapWarning)
+        model(pixel_values=clip)
+    unmerged, merged = last_run_flops(model)
+    return unmerged / merged
+
+
+def r_for_flop_ratio(model: nn.Module, target: float, clip: torch.Tensor) -> int:
+    """Smallest constant ``r`` at which a merged copy of ``model`` reaches ``target`` FLOP ratio."""
+    probe = vtome.patch(copy.deepcopy(model), r=0)
+    lo, hi = 0, max(1, probe.config.hidden_size)  # hi grows until the target is reached or r stops mattering
+    while True:
+        vtome.settings(probe).r = hi
+        ratio = flop_ratio(probe, clip)
+        if ratio >= target or hi > 10_000:
+            break
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        vtome.settings(probe).r = mid
+        lo, hi = (lo, mid) if flop_ratio(probe, clip) >= target else (mid, hi)
+    return hi
+
+
+def _accuracy(model: nn.Module, clips: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[dict, float]:
+    hits = {"appearance": [], "temporal": []}
+    start = time.perf_counter()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", CapWarning)
+        for i in range(0, len(clips), batch):
+            pred = model(pixel_values=clips[i : i + batch]).logits.argmax(-1)
+            for label, p in zip(labels[i : i + batch].tolist(), pred.tolist()):
+                hits["temporal" if is_temporal(label) else "appearance"].append(label == p)
+    seconds = time.perf_counter() - start
+    acc = {k: sum(v) / max(len(v), 1) for k, v in hits.items()}
+    both = hits["appearance"] + hits["temporal"]
+    return {"acc": sum(both) / len(both), "acc_appearance": acc["appearance"], "acc_temporal": acc["temporal"]}, (
+        len(clips) / seconds
+    )
+
+
+def run_demo(cfg: DemoConfig, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Accuracy and speed of each bundled model unpatched and in every mode at ~``target_flop_ratio``."""
+    rows = []
+    for family, name in checkpoints.FAMILIES.items():
+        base = checkpoints.load(family)
+        spec = ClipSpec(frames=base.config.num_frames, size=base.config.image_size)
+        clips, labels = make_batch(cfg.seed, "test", range(cfg.clips), spec)
+        clips = normalize(clips)
+        r = r_for_flop_ratio(base, cfg.target_flop_ratio, clips[:1])
+        variants = [("none", 0, base)]
+        for mode in MODES:
+            model = vtome.patch(copy.deepcopy(base), r=r, mode=mode, threshold=cfg.threshold, seed=0)
+            variants.append((mode, r, model))
+        base_speed = None
+        for mode, r_used, model in variants:
+            acc, speed = _accuracy(model, clips, labels, cfg.batch_size)
+            base_speed = base_speed or speed
+            row = {
+                "model": name,
+                "architecture": type(base).__name__,
+                "mode": mode,
+                "r": r_used,
+                **acc,
+                "flop_ratio": 1.0 if r_used == 0 else flop_ratio(model, clips[:1]),
+                "clips_per_s": speed,
+                "speedup": speed / base_speed,
+                "clips": len(clips),
+            }
+            rows.append(row)
+            if on_row:
+                on_row(row)
+    return rows
