@@ -1,9 +1,10 @@
-"""The ``vtome`` command line: ``vtome bench``, ``vtome demo``."""
+"""The ``vtome`` command line: ``bench``, ``demo``, ``eval``, ``sweep``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -194,11 +195,155 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="built-in name, local directory or hub id")
+    p.add_argument("--dataset", required=True, choices=["k400", "ssv2", "epic", "folder"])
+    p.add_argument("--root", required=True, help="dataset root directory")
+    p.add_argument("--split", help="k400: list file; ssv2: validation.json; epic: annotation CSV")
+    p.add_argument("--labels", help="class names (k400: one per line or JSON; ssv2: labels.json)")
+    p.add_argument("--mode", default="merge", help="merge, drop, random_merge, random_drop or hybrid")
+    p.add_argument("--threshold", type=float, default=0.0, help="hybrid threshold (cosine similarity)")
+    p.add_argument("--prop-attn", default=None, choices=["on", "off"], help="override the family default")
+    p.add_argument("--views", default="1x1", help="temporal clips x spatial crops, scores averaged (default 1x1)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--sampling", choices=["dense", "segment"], help="frame sampling (default: per dataset)")
+    p.add_argument("--sampling-rate", type=int, help="dense sampling stride (default 64 // frames)")
+    p.add_argument("--noun-model", help="EPIC-KITCHENS: a second model for nouns")
+    p.add_argument("--verb-classes", type=int, help="EPIC-KITCHENS: one model, first N logits are verbs")
+    p.add_argument("--limit", type=int, help="first N videos only")
+
+
+def _eval_config(args: argparse.Namespace, **overrides: object) -> object:
+    from vtome.evaluate import EvalConfig
+
+    return EvalConfig(
+        model=args.model,
+        dataset=args.dataset,
+        root=args.root,
+        out=args.out,
+        split=args.split,
+        labels=args.labels,
+        mode=args.mode,
+        threshold=args.threshold,
+        prop_attn=None if args.prop_attn is None else args.prop_attn == "on",
+        views=args.views,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        sampling=args.sampling,
+        sampling_rate=args.sampling_rate,
+        noun_model=args.noun_model,
+        verb_classes=args.verb_classes,
+        limit=args.limit,
+        **overrides,
+    )
+
+
+def _eval_progress(progress: object, label: str) -> object:
+    task = progress.add_task(label, total=None, acc="")
+
+    def update(done: int, total: int, acc: float | None) -> None:
+        progress.update(task, completed=done, total=total, acc="" if acc is None else f"top-1 {acc:.1%}")
+
+    return update
+
+
+def _progress() -> object:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[acc]}"),
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="accuracy of a model (merged or not) on a video dataset",
+        description="Top-1/top-5, per-class accuracy and confusion matrix (EPIC: verb, noun and "
+        "action), written as it goes; a re-run with the same --out resumes.",
+    )
+    _add_eval_args(p)
+    p.add_argument("--r", type=int, default=0, help="tokens merged per layer (0: unpatched)")
+    p.add_argument("--start-layer", type=int, default=0, help="merge only from this layer on")
+    p.add_argument("--out", default="results", help="results folder (predictions.jsonl, summary.json)")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from vtome.evaluate import run_eval
+
+    cfg = _eval_config(args, r=args.r, start_layer=args.start_layer)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
+        with _progress() as progress:
+            summary = run_eval(cfg, _eval_progress(progress, "eval"))
+    else:
+        summary = run_eval(cfg)
+    if rank0:
+        keys = [k for k in ("top1", "top5", "verb_top1", "noun_top1", "action_top1") if k in summary]
+        figures = ", ".join(f"{k} {summary[k]:.2%}" for k in keys)
+        speed = summary["clips_per_s"]
+        print(
+            f"{summary['num_evaluated']} videos ({summary['num_failed']} failed): {figures}; "
+            f"{'-' if speed is None else f'{speed:.2f}'} clips/s; results in {cfg.out}/"
+        )
+    return 0
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="accuracy vs speedup over r values and modes (CSV and PNG)",
+        description="One resumable evaluation per setting, the unpatched baseline included; writes "
+        "OUT/sweep.csv and OUT/sweep.png (accuracy against speedup).",
+    )
+    _add_eval_args(p)
+    p.add_argument("--r", type=_ints, default=[0, 50, 100, 150], help="comma-separated r values")
+    p.add_argument("--modes", default="merge", help="comma-separated modes (default: merge)")
+    p.add_argument("--start-layers", type=_ints, default=[0], help="comma-separated first merging layers")
+    p.add_argument("--out", default="sweep", help="sweep folder")
+    p.set_defaults(func=_sweep)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from vtome.sweep import run_sweep, settings_grid
+
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in ("merge", "drop", "random_merge", "random_drop", "hybrid")]
+    if bad or not modes or not args.r:
+        raise ValueError(
+            f"--modes must list merge, drop, random_merge, random_drop or hybrid and --r at least one "
+            f"value; got modes {args.modes!r}, r {args.r}"
+        )
+    grid = settings_grid(args.r, modes, args.start_layers)
+    with _progress() as progress:
+        update = _eval_progress(progress, "sweep")
+        rows = run_sweep(_eval_config(args), grid, eval_progress=update)
+    for row in rows:
+        speed = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
+        print(
+            f"{row['mode']:>12} r={row['r']:<4} from layer {row['start_layer']}: top-1 {row['top1']:.2%}  "
+            f"speedup {speed}  FLOP ratio {row['flop_ratio']:.2f}x"
+        )
+    print(f"wrote {args.out}/sweep.csv and {args.out}/sweep.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtome", description="Token merging for video transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
     _add_demo(sub)
+    _add_eval(sub)
+    _add_sweep(sub)
     return parser
 
 

@@ -29,13 +29,21 @@ _BUILTIN: dict[str, tuple[str, str, dict, str]] = {
     ),
 }
 
-# Extra built-ins registered by other modules (e.g. the bundled demo checkpoints): name -> (loader, description).
-_EXTRA: dict[str, tuple[Callable[[], nn.Module], str]] = {}
+# Extra built-ins registered by other modules (the bundled demo checkpoints): name -> (loader, description, dir).
+_EXTRA: dict[str, tuple[Callable[[], nn.Module], str, str | None]] = {}
 
 
-def register(name: str, loader: Callable[[], nn.Module], description: str) -> None:
-    """Add a built-in model name."""
-    _EXTRA[name] = (loader, description)
+def register(name: str, loader: Callable[[], nn.Module], description: str, source: str | None = None) -> None:
+    """Add a built-in model name; ``source`` is its directory (for its image processor settings), if any."""
+    _EXTRA[name] = (loader, description, source)
+
+
+def model_source(name_or_path: str) -> str | None:
+    """The directory a model name loads from (local checkpoints and bundled demo models), else None."""
+    _load_extras()
+    if name_or_path in _EXTRA:
+        return _EXTRA[name_or_path][2]
+    return name_or_path if os.path.isdir(name_or_path) else None
 
 
 def builtin_names() -> dict[str, str]:

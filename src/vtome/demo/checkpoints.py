@@ -69,4 +69,5 @@ for _family, _name in FAMILIES.items():
         lambda family=_family: load(family),
         f"bundled demo classifier ({'VideoMAE' if _family == 'joint' else 'TimeSformer'} architecture, "
         "trained on generated clips)",
+        source=str(weights_dir(_family)),
     )

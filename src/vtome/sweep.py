@@ -1,0 +1,136 @@
+"""``vtome sweep``: accuracy against speed over r values and modes (the paper's Figure 3).
+
+Each setting is one resumable evaluation in its own folder under ``out``; the baseline (unpatched) is
+``out/baseline``. Speedup is the evaluation's model throughput relative to the baseline's; the FLOP
+ratio comes from the token counts of one forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import vtome
+from vtome.evaluate import EvalConfig, run_eval
+from vtome.flops import last_run_flops
+from vtome.state import CapWarning
+
+COLUMNS = ("mode", "r", "start_layer", "top1", "top5", "clips_per_s", "speedup", "flop_ratio", "num_failed", "out")
+
+
+def flop_ratio(model_name: str | torch.nn.Module, **patch_kwargs: object) -> float:
+    """FLOP ratio of ``model_name`` patched with ``patch_kwargs``, from one forward of a random clip."""
+    from vtome.zoo import load_model
+
+    model = copy.deepcopy(model_name) if isinstance(model_name, torch.nn.Module) else load_model(model_name)
+    vtome.patch(model, **patch_kwargs)
+    c = model.config
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", CapWarning)
+        model(pixel_values=torch.randn(1, c.num_frames, c.num_channels, c.image_size, c.image_size))
+    unmerged, merged = last_run_flops(model)
+    return unmerged / merged
+
+
+def settings_grid(rs: list[int], modes: list[str], start_layers: list[int] | None = None) -> list[dict]:
+    """The baseline, then every (mode, r > 0, start layer) combination."""
+    grid = [{"mode": "none", "r": 0, "start_layer": 0}]
+    for mode in modes:
+        for r in (r for r in rs if r > 0):
+            for start in start_layers or [0]:
+                grid.append({"mode": mode, "r": r, "start_layer": start})
+    return grid
+
+
+def run_sweep(
+    base: EvalConfig,
+    grid: list[dict],
+    on_setting: Callable[[dict], None] | None = None,
+    eval_progress: Callable[[int, int, float | None], None] | None = None,
+) -> list[dict]:
+    """Evaluate every setting of ``grid`` (dicts with ``mode``, ``r``, ``start_layer``); writes
+    ``sweep.csv`` and ``sweep.png`` under ``base.out``."""
+    out = Path(base.out)
+    rows = []
+    for setting in grid:
+        if on_setting:
+            on_setting(setting)
+        name = "baseline" if setting["r"] == 0 else f"{setting['mode']}_r{setting['r']}_s{setting['start_layer']}"
+        mode = setting["mode"] if setting["r"] else base.mode
+        cfg = dataclasses.replace(
+            base, out=str(out / name), r=setting["r"], mode=mode, start_layer=setting["start_layer"]
+        )
+        summary = run_eval(cfg, eval_progress)
+        ratio = (
+            1.0
+            if setting["r"] == 0
+            else flop_ratio(
+                base.model, r=setting["r"], mode=mode, start_layer=setting["start_layer"], threshold=base.threshold
+            )
+        )
+        rows.append(
+            {
+                **setting,
+                "top1": summary["top1"],
+                "top5": summary["top5"],
+                "clips_per_s": summary["clips_per_s"],
+                "flop_ratio": ratio,
+                "num_failed": summary["num_failed"],
+                "out": cfg.out,
+            }
+        )
+    base_speed = rows[0]["clips_per_s"]
+    for row in rows:
+        row["speedup"] = row["clips_per_s"] / base_speed if base_speed and row["clips_per_s"] else None
+    with (out / "sweep.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
+    plot_sweep(rows, out / "sweep.png", title=f"{base.model if isinstance(base.model, str) else ''} {base.dataset}")
+    return rows
+
+
+def plot_sweep(rows: list[dict], path: Path, title: str = "") -> None:
+    """Top-1 accuracy against speedup (measured, or the FLOP ratio where no timing is known), one line
+    per mode, the baseline as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def speed(row: dict) -> float:
+        return row["speedup"] if row["speedup"] is not None else row["flop_ratio"]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = rows[0]
+    for mode in dict.fromkeys(r["mode"] for r in rows[1:]):
+        for start in dict.fromkeys(r["start_layer"] for r in rows[1:] if r["mode"] == mode):
+            mine = sorted(
+                (r for r in rows[1:] if r["mode"] == mode and r["start_layer"] == start), key=lambda r: r["r"]
+            )
+            label = mode if start == 0 else f"{mode}, from layer {start}"
+            ax.plot(
+                [speed(base)] + [speed(r) for r in mine],
+                [100 * base["top1"]] + [100 * r["top1"] for r in mine],
+                "o-",
+                label=label,
+            )
+            for r in mine:
+                ax.annotate(
+                    f"r={r['r']}", (speed(r), 100 * r["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+    ax.plot([speed(base)], [100 * base["top1"]], "k*", markersize=12, label="unpatched")
+    ax.set_xlabel("speedup (measured model throughput vs unpatched)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title.strip(), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
