@@ -62,7 +62,7 @@ class CopyPixel(nn.Module):
 
     def forward(self, pixel_values):
         level = pixel_values.mean(dim=(1, 2, 3, 4))
-        return type("Out", (), {"logits": -(level[:, None] - self.centers[None]) ** 2})()
+        return type("Out", (), {"logits": -((level[:, None] - self.centers[None]) ** 2)})()
 
 
 class Constant(nn.Module):
@@ -128,7 +128,8 @@ def test_copy_model_is_perfect_and_constant_model_is_at_chance(k400, tmp_path):
     assert summary["per_class_accuracy"] == {name: 1.0 for name in CLASSES}
     confusion = json.loads((tmp_path / "copy" / "confusion.json").read_text())["matrix"]
     assert confusion == [[2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 3]]
-    const = run_eval(EvalConfig(model=Constant(copy_model()), dataset="folder", root=str(k400), out=str(tmp_path / "c")))
+    constant = Constant(copy_model())
+    const = run_eval(EvalConfig(model=constant, dataset="folder", root=str(k400), out=str(tmp_path / "c")))
     assert const["top1"] == pytest.approx(2 / 9)  # always class 0: its share of the videos
     lines = (tmp_path / "copy" / "predictions.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
@@ -172,7 +173,8 @@ def test_resume_after_interruption_gives_the_same_file(k400, tmp_path):
     assert len((tmp_path / "part" / "predictions.jsonl").read_text().splitlines()) == 4
     resumed = run_eval(part)
     assert resumed["num_evaluated"] == 9
-    assert (tmp_path / "part" / "predictions.jsonl").read_text() == (tmp_path / "full" / "predictions.jsonl").read_text()
+    resumed_file = (tmp_path / "part" / "predictions.jsonl").read_text()
+    assert resumed_file == (tmp_path / "full" / "predictions.jsonl").read_text()
 
 
 def test_epic_verb_noun_action(tmp_path):
@@ -183,8 +185,9 @@ def test_epic_verb_noun_action(tmp_path):
         write_frames(root / pid / vid, flat_video(levels[(verb, noun)], frames=stop - start + 1), first=start)
     with (root / "EPIC_100_validation.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["narration_id", "participant_id", "video_id", "start_frame", "stop_frame", "verb_class",
-                    "noun_class"])
+        w.writerow(
+            ["narration_id", "participant_id", "video_id", "start_frame", "stop_frame", "verb_class", "noun_class"]
+        )
         for i, row in enumerate(rows):
             w.writerow([f"n{i}", *row])
 
@@ -206,8 +209,9 @@ def test_epic_verb_noun_action(tmp_path):
                 logits[i, 2 + noun] = 5.0
             return type("Out", (), {"logits": logits})()
 
-    summary = run_eval(EvalConfig(model=VerbNoun(), dataset="epic", root=str(root), out=str(tmp_path / "o"),
-                                  verb_classes=2))
+    summary = run_eval(
+        EvalConfig(model=VerbNoun(), dataset="epic", root=str(root), out=str(tmp_path / "o"), verb_classes=2)
+    )
     assert summary["verb_top1"] == 1.0
     assert summary["noun_top1"] == pytest.approx(2 / 3)
     assert summary["action_top1"] == pytest.approx(2 / 3)  # action = verb and noun both right
@@ -220,8 +224,9 @@ def test_cli_eval_with_merging_and_bad_input(k400, tmp_path, capsys):
     model_dir = tmp_path / "m"
     tiny("vivit", image_size=32, num_labels=4).save_pretrained(model_dir)
     out = tmp_path / "res"
-    code = main(["eval", "--model", str(model_dir), "--dataset", "k400", "--root", str(k400), "--r", "2",
-                 "--out", str(out)])
+    code = main(
+        ["eval", "--model", str(model_dir), "--dataset", "k400", "--root", str(k400), "--r", "2", "--out", str(out)]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert {"top1", "top5", "num_videos", "num_failed", "clips_per_s", "merge"} <= set(summary)
@@ -236,11 +241,34 @@ def test_sweep_writes_csv_and_plot(k400, tmp_path):
     model_dir = tmp_path / "m"
     tiny("videomae", image_size=32, num_labels=4).save_pretrained(model_dir)
     out = tmp_path / "sweep"
-    assert main(["sweep", "--model", str(model_dir), "--dataset", "k400", "--root", str(k400), "--r", "0,2,4",
-                 "--modes", "merge,random_merge", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(model_dir),
+                "--dataset",
+                "k400",
+                "--root",
+                str(k400),
+                "--r",
+                "0,2,4",
+                "--modes",
+                "merge,random_merge",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((out / "sweep.csv").open()))
-    assert [(r["mode"], r["r"]) for r in rows] == [("none", "0"), ("merge", "2"), ("merge", "4"),
-                                                   ("random_merge", "2"), ("random_merge", "4")]
+    assert [(r["mode"], r["r"]) for r in rows] == [
+        ("none", "0"),
+        ("merge", "2"),
+        ("merge", "4"),
+        ("random_merge", "2"),
+        ("random_merge", "4"),
+    ]
     assert float(rows[0]["flop_ratio"]) == 1.0 and float(rows[2]["flop_ratio"]) > float(rows[1]["flop_ratio"]) > 1
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "merge_r2_s0" / "summary.json").exists()
@@ -249,13 +277,26 @@ def test_sweep_writes_csv_and_plot(k400, tmp_path):
 def test_two_processes_equal_one(k400, tmp_path):
     model_dir = tmp_path / "m"
     tiny("videomae", image_size=32, num_labels=4).save_pretrained(model_dir)
-    base = [sys.executable, "-m", "vtome", "eval", "--model", str(model_dir), "--dataset", "k400", "--root",
-            str(k400), "--batch-size", "1"]
+    base = [
+        sys.executable,
+        "-m",
+        "vtome",
+        "eval",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "k400",
+        "--root",
+        str(k400),
+        "--batch-size",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*base, "--out", str(tmp_path / "one")], check=True, env=env, capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
-    result = subprocess.run([*torchrun, "-m", "vtome", *base[3:], "--out", str(tmp_path / "two")], env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [*torchrun, "-m", "vtome", *base[3:], "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     one = (tmp_path / "one" / "predictions.jsonl").read_text()
     assert one == (tmp_path / "two" / "predictions.jsonl").read_text()
