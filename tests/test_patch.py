@@ -71,6 +71,20 @@ def test_token_counts_follow_schedule():
     assert vtome.last_run(model).tokens_per_layer == [65, 65, 61]
 
 
+def test_layer_duplication_repeats_the_merge_step(family):
+    model = vtome.patch(tiny(family), r=3, duplicate={1: 2}, trace_source=True)
+    run(model, clip(model))
+    out = vtome.last_run(model)
+    n0 = input_tokens(model)
+    if family == "timesformer":  # 16 per frame: 13, then 10 -> 7 -> 4, then 4 capped at 2
+        assert out.tokens_per_layer == [1 + 4 * 13, 1 + 4 * 4, 1 + 4 * 2]
+    else:
+        assert out.tokens_per_layer == [n0 - 3, n0 - 12, n0 - 15]
+    assert torch.equal(out.source.sum(1), torch.ones(2, n0))  # still a partition of the input
+    with pytest.raises(ValueError, match="duplicate maps layer index"):
+        vtome.settings(model).duplicate = {7: 1}
+
+
 def test_divided_merges_same_r_in_every_frame():
     model = vtome.patch(tiny("timesformer"), r=3, trace_source=True)  # 4 frames x 16 patches + class token
     run(model, clip(model))

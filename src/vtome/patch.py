@@ -19,6 +19,7 @@ def patch(
     start_layer: int = 0,
     trace_source: bool = False,
     seed: int | None = None,
+    duplicate: dict[int, int] | None = None,
 ) -> nn.Module:
     """Patch ``model`` in place for token merging and return it.
 
@@ -36,6 +37,8 @@ def patch(
         start_layer: no merging in layers before this one.
         trace_source: record which input tokens each output token covers (``last_run(model).source``).
         seed: makes the random modes reproducible (the same choice at every forward).
+        duplicate: ``{layer: extra}`` repeats that layer's merge step ``extra`` more times (each on the
+            merged keys, removing up to ``r`` more tokens) with no extra attention or MLP compute there.
 
     Patching a patched model starts again from these settings. To change one setting in place, assign
     it on :func:`settings` (``vtome.settings(model).r = 100``).
@@ -53,6 +56,7 @@ def patch(
         start_layer=start_layer,
         trace_source=trace_source,
         seed=seed,
+        duplicate=duplicate,
     )
     if settings.prop_attn:
         check_attention_backend(model.config)

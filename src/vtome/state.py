@@ -73,6 +73,7 @@ class MergeSettings:
     start_layer: int = 0
     trace_source: bool = False
     seed: int | None = None
+    duplicate: dict[int, int] = field(default_factory=dict)
 
     def __setattr__(self, name: str, value: object) -> None:
         value = self._validate(name, value)
@@ -95,6 +96,18 @@ class MergeSettings:
             raise ValueError(f"start_layer must be an int in [0, {self.num_layers}]; got {value!r}")
         if name in ("prop_attn", "trace_source") and not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False; got {value!r}")
+        if name == "duplicate":
+            if value is None:
+                return {}
+            if not isinstance(value, dict) or not all(
+                isinstance(k, int) and 0 <= k < self.num_layers and isinstance(v, int) and v >= 0
+                for k, v in value.items()
+            ):
+                raise ValueError(
+                    f"duplicate maps layer index (0..{self.num_layers - 1}) -> extra merge steps (int >= 0); "
+                    f"got {value!r}"
+                )
+            return dict(value)
         if name == "seed" and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"seed must be an int or None; got {value!r}")
         return value
@@ -229,37 +242,33 @@ class MergeState:
         return x
 
     def _merge(self, layer: int, x: Tensor, r: int, metric: Tensor | None) -> Tensor:
-        layout = self.layout
+        layout, s = self.layout, self.settings
         if metric is None:
             if self.metric is None:
                 raise RuntimeError(f"vtome: no attention keys were captured for layer {layer}")
             metric = layout.split(self.metric)[1]
         self.metric = None
         p = layout.group_protected
-        n = metric.shape[1] - p
-        cap = max_merge(n)
-        if r > cap:
-            if layer not in self._warned:
-                self._warned.add(layer)
-                unit = " per frame" if layout.frames else ""
-                warnings.warn(
-                    f"vtome: layer {layer} asked to merge r={r}{unit} but has {n} mergeable tokens{unit}; "
-                    f"capped at {cap} (half of them)",
-                    CapWarning,
-                    stacklevel=2,
-                )
-            r = cap
-        if r == 0:
-            return x
-        s = self.settings
-        merge = bipartite_match(metric, r, protected=p, mode=s.mode, threshold=s.threshold, generator=self._rng(x))
         source = self.run.source
         if s.trace_source and source is None:
             source = torch.eye(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1, -1)
         x_head, x_body = layout.split(x)
         s_head, s_body = layout.split(self.run.size) if self.run.size is not None else (None, None)
         src_head, src_body = layout.split(source) if source is not None else (None, None)
-        x_body, s_body, src_body = merge_tokens(merge, x_body, s_body, src_body)
+        steps = 1 + s.duplicate.get(layer, 0)
+        for step in range(steps):
+            n = metric.shape[1] - p
+            r_step = self._cap(layer, r, n) if step == 0 else min(r, max_merge(n))
+            if r_step == 0:
+                break
+            merge = bipartite_match(
+                metric, r_step, protected=p, mode=s.mode, threshold=s.threshold, generator=self._rng(x)
+            )
+            if step + 1 < steps:  # a repeated step matches on the merged keys
+                metric = merge.average(metric, s_body)[0]
+            x_body, s_body, src_body = merge_tokens(merge, x_body, s_body, src_body)
+        if s_body is None:
+            return x
         if s_head is None:  # first merge: the set-aside tokens have size 1
             s_head = s_body.new_ones(x_head.shape[0], x_head.shape[1], 1)
         self.run.size = layout.join(s_head, s_body)
@@ -267,6 +276,20 @@ class MergeState:
             self.run.source = layout.join(src_head, src_body)
         self._bias = None
         return layout.join(x_head, x_body)
+
+    def _cap(self, layer: int, r: int, n: int) -> int:
+        """``r`` capped at half of ``n`` mergeable tokens, warning once per layer when it is."""
+        cap = max_merge(n)
+        if r > cap and layer not in self._warned:
+            self._warned.add(layer)
+            unit = " per frame" if self.layout.frames else ""
+            warnings.warn(
+                f"vtome: layer {layer} asked to merge r={r}{unit} but has {n} mergeable tokens{unit}; "
+                f"capped at {cap} (half of them)",
+                CapWarning,
+                stacklevel=3,
+            )
+        return min(r, cap)
 
     def _rng(self, x: Tensor) -> torch.Generator | None:
         seed = self.settings.seed

@@ -5,7 +5,8 @@ Each adapter module defines:
 - ``FAMILY`` (display name), ``DEFAULT_PROP_ATTN`` and ``SCHEME`` (``"spatio-temporal"`` or ``"divided"``);
 - ``layers(model) -> nn.ModuleList`` and ``base(model) -> nn.Module`` (the module that takes ``pixel_values``);
 - ``layout(model) -> Layout``;
-- ``apply(model, state) -> list[RemovableHandle]``: swap in the patched classes and install hooks.
+- ``apply(model, state) -> list[RemovableHandle]``: swap in the patched classes and install hooks;
+- ``token_positions(model)``: where each input token sits in the video (for drawing merges).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
@@ -88,3 +90,13 @@ def check_attention_backend(config: object) -> None:
             f"proportional attention needs attn_implementation 'eager' or 'sdpa', this model uses {impl!r}; "
             "load it with attn_implementation='sdpa' or patch with prop_attn=False"
         )
+
+
+def grid_positions(steps: int, side: int, tubelet: int, time_major: bool) -> Tensor:
+    """``[steps * side * side, 3]`` rows ``(first frame, row, column)`` of a video token grid, in the
+    model's order: time-major (``t*side*side + row*side + col``) or time-minor (``(row*side + col)*steps + t``)."""
+    t, y, x = torch.meshgrid(torch.arange(steps), torch.arange(side), torch.arange(side), indexing="ij")
+    grid = torch.stack([t * tubelet, y, x], dim=-1)
+    if not time_major:
+        grid = grid.permute(1, 2, 0, 3)
+    return grid.reshape(-1, 3)

@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.models.timesformer import modeling_timesformer as hf
 
 from vtome.merge import attention_bias
-from vtome.models import begin_on_forward, capture_keys, swap_class
+from vtome.models import begin_on_forward, capture_keys, grid_positions, swap_class
 from vtome.state import Layout, MergeState
 
 FAMILY = "TimeSformer"
@@ -126,3 +126,10 @@ def apply(model: nn.Module, state: MergeState) -> list[RemovableHandle]:
         # The spatial attention's keys are the metric: the middle third of the fused qkv projection.
         handles.append(capture_keys(layer.attention.attention.qkv, state, i, slice(hidden, 2 * hidden)))
     return handles
+
+
+def token_positions(model: nn.Module) -> tuple[Tensor, int, int]:
+    """Input token positions ``[N0, 3]`` (class token first, -1; then slot-major, frame-minor)."""
+    c = model.config
+    grid = grid_positions(c.num_frames, c.image_size // c.patch_size, 1, time_major=False)
+    return torch.cat([torch.full((1, 3), -1), grid]), 1, c.patch_size

@@ -13,7 +13,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.videomae import modeling_videomae as hf
 
-from vtome.models import begin_on_forward, capture_keys, swap_class
+from vtome.models import begin_on_forward, capture_keys, grid_positions, swap_class
 from vtome.state import Layout, MergeState
 
 FAMILY = "VideoMAE"
@@ -96,3 +96,14 @@ def _size_weighted_pooling(state: MergeState):
         return (pooled.to(tokens.dtype),)
 
     return hook
+
+
+def token_positions(model: nn.Module) -> tuple[Tensor, int, int]:
+    """Where each input token sits: ``[N0, 3]`` rows ``(first frame, patch row, patch column)`` (-1 for a
+    class token), the frames each token spans (tubelet) and the patch size in pixels."""
+    c = model.config
+    return (
+        grid_positions(c.num_frames // c.tubelet_size, c.image_size // c.patch_size, c.tubelet_size, time_major=True),
+        c.tubelet_size,
+        c.patch_size,
+    )

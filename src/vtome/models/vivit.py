@@ -6,12 +6,13 @@ additive mask ``log(size)`` (exact for both eager and SDPA).
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from transformers.models.vivit import modeling_vivit as hf
 
-from vtome.models import begin_on_forward, capture_keys, swap_class
+from vtome.models import begin_on_forward, capture_keys, grid_positions, swap_class
 from vtome.state import Layout, MergeState
 
 FAMILY = "ViViT"
@@ -62,3 +63,11 @@ def apply(model: nn.Module, state: MergeState) -> list[RemovableHandle]:
         swap_class(layer, VivitLayer, state, i)
         handles.append(capture_keys(layer.attention.k_proj, state, i))
     return handles
+
+
+def token_positions(model: nn.Module) -> tuple[Tensor, int, int]:
+    """Input token positions ``[N0, 3]`` (class token first, -1), tubelet frames and patch size."""
+    c = model.config
+    tubelet, patch = c.tubelet_size[0], c.tubelet_size[1]
+    grid = grid_positions(c.num_frames // tubelet, c.image_size // patch, tubelet, time_major=True)
+    return torch.cat([torch.full((1, 3), -1), grid]), tubelet, patch
