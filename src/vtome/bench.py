@@ -50,6 +50,8 @@ class BenchConfig:
     repeats: int = 5
     threads: int | None = None
     prop_attn: bool | None = None
+    start_layer: int = 0
+    layers: list[int] | None = None
 
     def validate(self) -> None:
         if not self.rs:
@@ -230,7 +232,15 @@ def _run(cfg: BenchConfig, on_step: Callable[[str], None] | None) -> dict[str, o
 
     variants = [_Variant(0, base, _forward_fn(base, cfg.compile))]
     for r in sorted({r for r in cfg.rs if r > 0}):
-        model = vtome.patch(copy.deepcopy(base), r=r, mode=cfg.mode, prop_attn=cfg.prop_attn, seed=0)
+        model = vtome.patch(
+            copy.deepcopy(base),
+            r=r,
+            mode=cfg.mode,
+            prop_attn=cfg.prop_attn,
+            seed=0,
+            start_layer=cfg.start_layer,
+            layers=cfg.layers,
+        )
         variants.append(_Variant(r, model, _forward_fn(model, cfg.compile)))
     step = on_step or (lambda _label: None)
     results = []

@@ -36,6 +36,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
     p.add_argument("--attn", default="sdpa", help="attention backend of the baseline and the patched models")
     p.add_argument("--prop-attn", default=None, choices=["on", "off"], help="override the family default")
+    p.add_argument("--start-layer", type=int, default=0, help="merge only from this layer on")
+    p.add_argument("--layers", type=_ints, default=None, help="merge only in these layers (comma-separated)")
     p.add_argument("--compile", action="store_true", help="torch.compile every variant")
     p.add_argument("--warmup", type=int, default=2, help="warm-up forwards per variant (default: 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (default: 5)")
@@ -66,6 +68,8 @@ def _bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         threads=args.threads,
         prop_attn=None if args.prop_attn is None else args.prop_attn == "on",
+        start_layer=args.start_layer,
+        layers=args.layers,
     )
     cfg.validate()
     transformers.utils.logging.disable_progress_bar()
@@ -273,6 +277,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     _add_eval_args(p)
     p.add_argument("--r", type=int, default=0, help="tokens merged per layer (0: unpatched)")
     p.add_argument("--start-layer", type=int, default=0, help="merge only from this layer on")
+    p.add_argument("--layers", type=_ints, default=None, help="merge only in these layers (comma-separated)")
     p.add_argument("--out", default="results", help="results folder (predictions.jsonl, summary.json)")
     p.set_defaults(func=_eval)
 
@@ -280,7 +285,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from vtome.evaluate import run_eval
 
-    cfg = _eval_config(args, r=args.r, start_layer=args.start_layer)
+    cfg = _eval_config(args, r=args.r, start_layer=args.start_layer, layers=args.layers)
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
         with _progress() as progress:
@@ -309,6 +314,12 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--r", type=_ints, default=[0, 50, 100, 150], help="comma-separated r values")
     p.add_argument("--modes", default="merge", help="comma-separated modes (default: merge)")
     p.add_argument("--start-layers", type=_ints, default=[0], help="comma-separated first merging layers")
+    p.add_argument(
+        "--placements",
+        action="store_true",
+        help="compare merging layer sets (all, halves, thirds) at "
+        "equal total token reduction: r per layer over all layers, concentrated in each set",
+    )
     p.add_argument("--out", default="sweep", help="sweep folder")
     p.set_defaults(func=_sweep)
 
@@ -323,7 +334,13 @@ def _sweep(args: argparse.Namespace) -> int:
             f"--modes must list merge, drop, random_merge, random_drop or hybrid and --r at least one "
             f"value; got modes {args.modes!r}, r {args.r}"
         )
-    grid = settings_grid(args.r, modes, args.start_layers)
+    if args.placements:
+        from vtome.sweep import placement_grid
+        from vtome.zoo import load_model
+
+        grid = placement_grid(args.r, modes, load_model(args.model).config.num_hidden_layers)
+    else:
+        grid = settings_grid(args.r, modes, args.start_layers)
     with _progress() as progress:
         update = _eval_progress(progress, "sweep")
         rows = run_sweep(_eval_config(args), grid, eval_progress=update)
@@ -337,6 +354,114 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_visualize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "visualize",
+        help="draw the merge groups on a clip (PNG grid, GIF, MP4)",
+        description="Run a model with source tracing and draw which patches were merged together.",
+    )
+    p.add_argument("input", help="video file or folder of frames")
+    p.add_argument("--model", required=True, help="built-in name, local directory or hub id")
+    p.add_argument("--r", type=int, required=True, help="tokens merged per layer (per frame for TimeSformer)")
+    p.add_argument("--mode", default="merge")
+    p.add_argument("--layer", type=int, default=None, help="show the groups after this layer (default: the last)")
+    p.add_argument("--start-layer", type=int, default=0)
+    p.add_argument("--layers", type=_ints, default=None, help="merge only in these layers (comma-separated)")
+    p.add_argument("--fill", default="mean", choices=["mean", "pixels"], help="group mean colour or original pixels")
+    p.add_argument("--out", default="visualize", help="output folder")
+    p.set_defaults(func=_visualize)
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from vtome.visualize import visualize
+
+    paths = visualize(
+        args.input,
+        args.model,
+        args.out,
+        layer=args.layer,
+        fill=args.fill,
+        r=args.r,
+        mode=args.mode,
+        start_layer=args.start_layer,
+        layers=args.layers,
+        seed=0,
+    )
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _add_splice(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "splice",
+        help="is merging semantic or visual? merge groups across a splice of two clips",
+        description="Splice clip A with clip B (halves in time, or left/right halves in space) and "
+        "count, for each layer, the merge groups that cross the splice, against A alone (control).",
+    )
+    p.add_argument("clip_a")
+    p.add_argument("clip_b")
+    p.add_argument("--model", required=True)
+    p.add_argument("--r", type=int, required=True)
+    p.add_argument("--mode", default="merge")
+    p.add_argument("--kind", default="temporal", choices=["temporal", "spatial"])
+    p.add_argument("--out", default="splice", help="folder for splice.json and splice.png")
+    p.set_defaults(func=_splice)
+
+
+def _splice(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vtome.analysis import plot_splice, splice_study
+    from vtome.data.transforms import preprocess_for
+    from vtome.visualize import load_clip
+    from vtome.zoo import load_model, model_source
+
+    model = load_model(args.model)
+    pre = preprocess_for(model, model_source(args.model))
+    a, b = (load_clip(p, pre).pixel_values[0] for p in (args.clip_a, args.clip_b))
+    rows = splice_study(model, a, b, args.kind, r=args.r, mode=args.mode, seed=0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "splice.json").write_text(json.dumps(rows, indent=2))
+    plot_splice(rows, out / "splice.png", f"{args.model}, r={args.r}, {args.kind} splice")
+    print(f"{'layer':>5}  {'spliced: crossing / groups':>27}  {'control: crossing / groups':>27}")
+    for row in rows:
+        print(
+            f"{row['layer']:>5}  {row['spliced_crossing']:>12} / {row['spliced_groups']:<12}"
+            f"  {row['control_crossing']:>12} / {row['control_groups']:<12}"
+        )
+    print(f"wrote {out}/splice.json and {out}/splice.png")
+    return 0
+
+
+def _add_confusion(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "confusion",
+        help="how merging moved predictions: confusion difference of two evals",
+        description="Difference of the confusion matrices of two `vtome eval` folders (after - "
+        "before), drawn for the first K classes, and the classes that lost most accuracy.",
+    )
+    p.add_argument("before", help="eval folder (or confusion.json) of the reference run, e.g. unpatched")
+    p.add_argument("after", help="eval folder (or confusion.json) of the merged run")
+    p.add_argument("--classes", type=int, default=20, help="draw the first K classes (default 20)")
+    p.add_argument("--top", type=int, default=10, help="list the N classes that lost most")
+    p.add_argument("--out", default="confusion_change.png")
+    p.set_defaults(func=_confusion)
+
+
+def _confusion(args: argparse.Namespace) -> int:
+    from vtome.analysis import confusion_change, plot_confusion_change
+
+    change = confusion_change(args.before, args.after, args.top)
+    plot_confusion_change(change, args.out, args.classes)
+    moved = int(abs(change["diff"]).sum()) // 2
+    print(f"{moved} predictions moved; classes that lost most:")
+    for row in change["lost_most"]:
+        print(f"  {row['class']}: {row['accuracy_before']:.1%} -> {row['accuracy_after']:.1%}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtome", description="Token merging for video transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -344,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_eval(sub)
     _add_sweep(sub)
+    _add_visualize(sub)
+    _add_splice(sub)
+    _add_confusion(sub)
     return parser
 
 

@@ -42,6 +42,7 @@ class EvalConfig:
     prop_attn: bool | None = None
     threshold: float = 0.0
     start_layer: int = 0
+    layers: list[int] | None = None  # merge only in these layers
     views: str = "1x1"
     batch_size: int = 8
     workers: int = 0

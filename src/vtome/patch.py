@@ -20,6 +20,7 @@ def patch(
     trace_source: bool = False,
     seed: int | None = None,
     duplicate: dict[int, int] | None = None,
+    layers: list[int] | None = None,
 ) -> nn.Module:
     """Patch ``model`` in place for token merging and return it.
 
@@ -35,6 +36,7 @@ def patch(
         threshold: for ``hybrid``, the cosine similarity from which a pair merges instead of dropping
             (the paper used 0.4 for ViViT and 0.8 for VideoMAE).
         start_layer: no merging in layers before this one.
+        layers: merge only in these layers (indices from 0); ``None``: every layer.
         trace_source: record which input tokens each output token covers (``last_run(model).source``).
         seed: makes the random modes reproducible (the same choice at every forward).
         duplicate: ``{layer: extra}`` repeats that layer's merge step ``extra`` more times (each on the
@@ -45,9 +47,8 @@ def patch(
     """
     adapter = adapter_for(model)
     layout = adapter.layout(model)
-    layers = adapter.layers(model)
     settings = MergeSettings(
-        num_layers=len(layers),
+        num_layers=len(adapter.layers(model)),
         r=r,
         mode=mode,
         prop_attn=adapter.DEFAULT_PROP_ATTN if prop_attn is None else prop_attn,
@@ -57,6 +58,7 @@ def patch(
         trace_source=trace_source,
         seed=seed,
         duplicate=duplicate,
+        layers=layers,
     )
     if settings.prop_attn:
         check_attention_backend(model.config)

@@ -74,6 +74,7 @@ class MergeSettings:
     trace_source: bool = False
     seed: int | None = None
     duplicate: dict[int, int] = field(default_factory=dict)
+    layers: list[int] | None = None
 
     def __setattr__(self, name: str, value: object) -> None:
         value = self._validate(name, value)
@@ -96,6 +97,12 @@ class MergeSettings:
             raise ValueError(f"start_layer must be an int in [0, {self.num_layers}]; got {value!r}")
         if name in ("prop_attn", "trace_source") and not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False; got {value!r}")
+        if name == "layers" and value is not None:
+            if not isinstance(value, (list, tuple, set)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers for i in value
+            ):
+                raise ValueError(f"layers must list layer indices in [0, {self.num_layers - 1}]; got {value!r}")
+            return sorted(set(value))
         if name == "duplicate":
             if value is None:
                 return {}
@@ -113,8 +120,9 @@ class MergeSettings:
         return value
 
     def schedule(self) -> list[int]:
-        """``r`` for each layer, before capping."""
-        return parse_schedule(self.r, self.num_layers, self.start_layer)
+        """``r`` for each layer, before capping (0 outside ``layers`` and before ``start_layer``)."""
+        values = parse_schedule(self.r, self.num_layers, self.start_layer)
+        return values if self.layers is None else [v if i in self.layers else 0 for i, v in enumerate(values)]
 
     def as_dict(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "num_layers"}

@@ -21,7 +21,20 @@ from vtome.evaluate import EvalConfig, run_eval
 from vtome.flops import last_run_flops
 from vtome.state import CapWarning
 
-COLUMNS = ("mode", "r", "start_layer", "top1", "top5", "clips_per_s", "speedup", "flop_ratio", "num_failed", "out")
+COLUMNS = (
+    "mode",
+    "r",
+    "start_layer",
+    "placement",
+    "layers",
+    "top1",
+    "top5",
+    "clips_per_s",
+    "speedup",
+    "flop_ratio",
+    "num_failed",
+    "out",
+)
 
 
 def flop_ratio(model_name: str | torch.nn.Module, **patch_kwargs: object) -> float:
@@ -40,11 +53,45 @@ def flop_ratio(model_name: str | torch.nn.Module, **patch_kwargs: object) -> flo
 
 def settings_grid(rs: list[int], modes: list[str], start_layers: list[int] | None = None) -> list[dict]:
     """The baseline, then every (mode, r > 0, start layer) combination."""
-    grid = [{"mode": "none", "r": 0, "start_layer": 0}]
+    grid = [{"mode": "none", "r": 0, "start_layer": 0, "placement": "", "layers": None}]
     for mode in modes:
         for r in (r for r in rs if r > 0):
             for start in start_layers or [0]:
-                grid.append({"mode": mode, "r": r, "start_layer": start})
+                grid.append({"mode": mode, "r": r, "start_layer": start, "placement": "", "layers": None})
+    return grid
+
+
+def placements(num_layers: int) -> dict[str, list[int]]:
+    """Named sets of merging layers: all, each half, each third."""
+    third = max(1, num_layers // 3)
+    half = max(1, num_layers // 2)
+    return {
+        "all": list(range(num_layers)),
+        "first half": list(range(half)),
+        "second half": list(range(half, num_layers)),
+        "early third": list(range(third)),
+        "middle third": list(range(third, min(2 * third, num_layers))),
+        "late third": list(range(num_layers - third, num_layers)),
+    }
+
+
+def placement_grid(rs: list[int], modes: list[str], num_layers: int) -> list[dict]:
+    """The baseline, then each placement at equal total token reduction: ``r * num_layers`` tokens
+    removed in all, spread evenly over the placement's layers (before capping)."""
+    grid = settings_grid([], modes)
+    for mode in modes:
+        for r in (r for r in rs if r > 0):
+            for name, layers in placements(num_layers).items():
+                per_layer = round(r * num_layers / len(layers))
+                grid.append(
+                    {
+                        "mode": mode,
+                        "r": per_layer,
+                        "start_layer": 0,
+                        "placement": f"{name} (r={r} all)",
+                        "layers": layers,
+                    }
+                )
     return grid
 
 
@@ -109,22 +156,20 @@ def plot_sweep(rows: list[dict], path: Path, title: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     base = rows[0]
-    for mode in dict.fromkeys(r["mode"] for r in rows[1:]):
-        for start in dict.fromkeys(r["start_layer"] for r in rows[1:] if r["mode"] == mode):
-            mine = sorted(
-                (r for r in rows[1:] if r["mode"] == mode and r["start_layer"] == start), key=lambda r: r["r"]
+
+    def series(row: dict) -> tuple:
+        where = row["placement"].split(" (")[0] if row["placement"] else ""
+        return row["mode"], row["start_layer"], where
+
+    for mode, start, where in dict.fromkeys(series(r) for r in rows[1:]):
+        mine = sorted((r for r in rows[1:] if series(r) == (mode, start, where)), key=lambda r: r["r"])
+        label = mode + (f", from layer {start}" if start else "") + (f", {where}" if where else "")
+        xs, ys = [speed(base)] + [speed(r) for r in mine], [100 * base["top1"]] + [100 * r["top1"] for r in mine]
+        ax.plot(xs, ys, "o-", label=label)
+        for r in mine:
+            ax.annotate(
+                f"r={r['r']}", (speed(r), 100 * r["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
             )
-            label = mode if start == 0 else f"{mode}, from layer {start}"
-            ax.plot(
-                [speed(base)] + [speed(r) for r in mine],
-                [100 * base["top1"]] + [100 * r["top1"] for r in mine],
-                "o-",
-                label=label,
-            )
-            for r in mine:
-                ax.annotate(
-                    f"r={r['r']}", (speed(r), 100 * r["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-                )
     ax.plot([speed(base)], [100 * base["top1"]], "k*", markersize=12, label="unpatched")
     ax.set_xlabel("speedup (measured model throughput vs unpatched)")
     ax.set_ylabel("top-1 accuracy (%)")

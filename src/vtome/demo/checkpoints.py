@@ -43,6 +43,17 @@ def build(family: str, **overrides: object) -> nn.Module:
     raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
 
 
+def write_processor_config(out: Path, size: int) -> None:
+    """The preprocessing the demo models were trained with (pixels in [-1, 1]), for ``vtome eval``/``visualize``."""
+    config = {
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "size": {"shortest_edge": size},
+        "crop_size": {"height": size, "width": size},
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def weights_dir(family: str) -> Path:
     return WEIGHTS / family
 

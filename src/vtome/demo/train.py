@@ -105,6 +105,7 @@ def train(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
+        checkpoints.write_processor_config(out, spec.size)
         (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -1,0 +1,156 @@
+"""The paper's analyses: is merging semantic or visual (clip splicing), and what merging does to the
+confusion matrix (its difference between two evaluations)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from vtome.models import adapter_for
+from vtome.visualize import groups_after_layer
+
+
+def splice(a: torch.Tensor, b: torch.Tensor, kind: str = "temporal") -> torch.Tensor:
+    """``[T, C, H, W]`` clips -> one clip: first half of the frames from ``a`` and the rest from ``b``
+    (``temporal``), or the left half of every frame from ``a`` and the right half from ``b`` (``spatial``)."""
+    if a.shape != b.shape:
+        raise ValueError(f"clips to splice must have the same shape; got {tuple(a.shape)} and {tuple(b.shape)}")
+    out = a.clone()
+    if kind == "temporal":
+        out[a.shape[0] // 2 :] = b[a.shape[0] // 2 :]
+    elif kind == "spatial":
+        out[..., a.shape[-1] // 2 :] = b[..., a.shape[-1] // 2 :]
+    else:
+        raise ValueError(f"--kind must be temporal or spatial; got {kind!r}")
+    return out
+
+
+def token_sides(model: nn.Module, kind: str) -> torch.Tensor:
+    """Which side of the splice each input token lies on, ``[N0]``: 0 (from ``a``), 1 (from ``b``), -1
+    (class token)."""
+    positions, _, patch = adapter_for(model).token_positions(model)
+    if kind == "temporal":
+        side = (positions[:, 0] >= model.config.num_frames // 2).long()
+    else:
+        side = (positions[:, 2] >= (model.config.image_size // patch) // 2).long()
+    side[positions[:, 0] < 0] = -1
+    return side
+
+
+def crossing_groups(groups: torch.Tensor, sides: torch.Tensor) -> tuple[int, int]:
+    """``(groups holding tokens from both sides, groups of more than one token)``."""
+    keep = (groups >= 0) & (sides >= 0)
+    crossing = merged = 0
+    for g in groups[keep].unique().tolist():
+        members = sides[keep][groups[keep] == g]
+        if len(members) > 1:
+            merged += 1
+            crossing += int(members.min() != members.max())
+    return crossing, merged
+
+
+def splice_study(
+    model: nn.Module, a: torch.Tensor, b: torch.Tensor, kind: str = "temporal", **patch_kwargs: object
+) -> list[dict]:
+    """Per layer: merge groups crossing the splice of ``a`` with ``b``, against ``a`` spliced with itself
+    (the same-clip control). ``a``, ``b``: normalised ``[T, C, H, W]``."""
+    sides = token_sides(model, kind)
+    spliced = splice(a, b, kind)[None]
+    control = a[None]
+    rows = []
+    layers = model.config.num_hidden_layers
+    for layer in range(layers):
+        s_cross, s_merged = crossing_groups(groups_after_layer(model, spliced, layer, **patch_kwargs), sides)
+        c_cross, c_merged = crossing_groups(groups_after_layer(model, control, layer, **patch_kwargs), sides)
+        rows.append(
+            {
+                "layer": layer,
+                "spliced_crossing": s_cross,
+                "spliced_groups": s_merged,
+                "control_crossing": c_cross,
+                "control_groups": c_merged,
+                "spliced_share": s_cross / s_merged if s_merged else 0.0,
+                "control_share": c_cross / c_merged if c_merged else 0.0,
+            }
+        )
+    return rows
+
+
+def plot_splice(rows: list[dict], path: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    layers = [r["layer"] for r in rows]
+    ax.plot(layers, [100 * r["spliced_share"] for r in rows], "o-", label="two clips spliced")
+    ax.plot(layers, [100 * r["control_share"] for r in rows], "s--", label="same clip (control)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("merge groups crossing the splice (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_confusion(run: str | Path) -> tuple[list[str], np.ndarray]:
+    """Class names and confusion matrix (rows: true, columns: predicted) of an eval folder."""
+    path = Path(run)
+    path = path / "confusion.json" if path.is_dir() else path
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no confusion.json (run `vtome eval --out {run}` first)")
+    data = json.loads(path.read_text())
+    return data["classes"], np.asarray(data["matrix"])
+
+
+def confusion_change(before: str | Path, after: str | Path, top: int = 20) -> dict:
+    """How predictions moved from run ``before`` to run ``after``: the difference matrix (more / fewer
+    predictions per cell) and the classes whose accuracy dropped most."""
+    names_a, a = load_confusion(before)
+    names_b, b = load_confusion(after)
+    if a.shape != b.shape:
+        raise ValueError(f"confusion matrices differ in size: {a.shape} vs {b.shape}; compare runs of one dataset")
+    diff = b - a
+    totals = np.maximum(a.sum(1), 1)
+    drop = (np.diag(a) - np.diag(b)) / totals
+    order = np.argsort(-drop, kind="stable")
+    lost = [
+        {
+            "class": names_a[i],
+            "accuracy_before": float(a[i, i] / totals[i]),
+            "accuracy_after": float(b[i, i] / totals[i]),
+            "drop": float(drop[i]),
+        }
+        for i in order[:top]
+        if drop[i] > 0
+    ]
+    return {"classes": names_a, "diff": diff, "lost_most": lost}
+
+
+def plot_confusion_change(change: dict, path: str | Path, k: int = 20) -> None:
+    """Image of the difference for the first ``k`` classes: red, more predictions; blue, fewer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    diff = change["diff"][:k, :k]
+    bound = max(1, int(np.abs(diff).max()))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    image = ax.imshow(diff, cmap="RdBu_r", vmin=-bound, vmax=bound)
+    names = change["classes"][:k]
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(image, label="predictions after - before")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

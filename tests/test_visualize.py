@@ -1,0 +1,179 @@
+"""Merge visualisation, clip splicing, confusion differences, placements."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny
+from PIL import Image
+
+import vtome
+from vtome.analysis import confusion_change, crossing_groups, splice, splice_study, token_sides
+from vtome.cli import main
+from vtome.data.transforms import preprocess_for
+from vtome.data.video import read_video, write_video
+from vtome.demo.synth import ClipSpec, make_clip
+from vtome.models import adapter_for
+from vtome.sweep import placement_grid, placements
+from vtome.visualize import clip_from_frames, label_maps, visualize_clip
+
+RED, BLUE = (220, 30, 30), (30, 30, 220)
+
+
+def halves(frames: int = 8, size: int = 64) -> np.ndarray:
+    """Top half red, bottom half blue. (Left/right halves would not do: A/B alternate along each row,
+    so after one merge every A token is red and every B token blue, and further merges must cross.)"""
+    video = np.zeros((frames, size, size, 3), dtype=np.uint8)
+    video[:, : size // 2], video[:, size // 2 :] = RED, BLUE
+    return video
+
+
+def textured(model) -> np.ndarray:
+    clip, _ = make_clip(0, "test", 3, ClipSpec(frames=model.config.num_frames, size=64))
+    return (clip.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("family", ["videomae", "vivit", "timesformer"])
+def test_every_patch_pixel_is_in_exactly_one_group(family):
+    model = tiny(family)
+    clip = clip_from_frames(textured(model), preprocess_for(model))
+    frames, groups = visualize_clip(model, clip, r=6)
+    assert frames.shape == (model.config.num_frames, 64, 64, 3) and frames.dtype == np.uint8
+    positions, tubelet, patch = adapter_for(model).token_positions(model)
+    labels = label_maps(groups, positions, tubelet, model.config.num_frames, 64 // patch)
+    assert (labels >= 0).all()  # merge mode: every patch of every frame is drawn in a group
+    covered = np.zeros_like(labels)  # each input token covers its own patch in its own frames, once
+    for t0, y, x in positions.tolist():
+        if t0 >= 0:
+            covered[t0 : t0 + tubelet, y, x] += 1
+    assert (covered == 1).all()
+    groups_drawn = len(set(groups[positions[:, 0] >= 0].tolist()))
+    vtome.patch(model, r=6)
+    with torch.no_grad():
+        model(pixel_values=clip.pixel_values)
+    protected = 1 if family != "videomae" else 0
+    assert groups_drawn == vtome.last_run(model).tokens_per_layer[-1] - protected  # one group per output token
+
+
+def test_two_flat_halves_never_mix():
+    model = tiny("vivit")  # ViViT position embeddings start at zero: tokens carry only their content
+    clip = clip_from_frames(halves(), preprocess_for(model))
+    frames, groups = visualize_clip(model, clip, r=12)
+    positions, _, _ = adapter_for(model).token_positions(model)
+    top = positions[:, 1] < 2
+    patches = positions[:, 0] >= 0
+    assert set(groups[patches & top].tolist()).isdisjoint(groups[patches & ~top].tolist())
+    assert len(set(groups[patches].tolist())) < patches.sum()  # and merging did happen
+
+
+def test_dropped_patches_are_drawn_dark():
+    model = tiny("videomae")
+    clip = clip_from_frames(textured(model), preprocess_for(model))
+    frames, groups = visualize_clip(model, clip, r=8, mode="drop")
+    assert (groups == -1).sum() == 3 * 8  # three layers drop 8 tokens each
+    assert frames.mean() < clip.display.mean()
+
+
+def test_layer_choice_shows_earlier_groups():
+    model = tiny("vivit")
+    clip = clip_from_frames(textured(model), preprocess_for(model))
+    _, first = visualize_clip(model, clip, layer=0, r=6)
+    _, last = visualize_clip(model, clip, r=6)
+    assert len(set(first[1:].tolist())) == 64 - 6 and len(set(last[1:].tolist())) == 64 - 18
+
+
+def test_cli_writes_png_gif_and_mp4(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny("timesformer").save_pretrained(model_dir)
+    video = tmp_path / "clip.mp4"
+    write_video(video, np.concatenate([textured(tiny("timesformer"))] * 3))  # 12 frames in the file
+    out = tmp_path / "viz"
+    assert main(["visualize", str(video), "--model", str(model_dir), "--r", "4", "--out", str(out)]) == 0
+    with Image.open(out / "merges.gif") as gif:
+        assert gif.n_frames == 4 and gif.size == (64, 64)
+    assert read_video(out / "merges.mp4").shape == (4, 64, 64, 3)
+    with Image.open(out / "merges.png") as grid:
+        assert grid.size == (4 * 64 + 3 * 2, 64)
+
+
+def test_splice_crossings():
+    model = tiny("vivit")
+    pre = preprocess_for(model)
+    red = clip_from_frames(np.broadcast_to(np.array(RED, np.uint8), (8, 64, 64, 3)), pre).pixel_values[0]
+    blue = clip_from_frames(np.broadcast_to(np.array(BLUE, np.uint8), (8, 64, 64, 3)), pre).pixel_values[0]
+    rows = splice_study(model, red, blue, "temporal", r=12)
+    assert all(r["spliced_crossing"] == 0 and r["spliced_groups"] > 0 for r in rows)
+    same = clip_from_frames(textured(model), pre).pixel_values[0]
+    rows = splice_study(model, same, same, "temporal", r=12)
+    assert sum(r["spliced_crossing"] for r in rows) > 0
+    assert [r["spliced_crossing"] for r in rows] == [r["control_crossing"] for r in rows]  # A+A is the control
+
+
+def test_splice_and_sides():
+    a, b = torch.zeros(4, 3, 8, 8), torch.ones(4, 3, 8, 8)
+    assert splice(a, b, "temporal")[:, 0, 0, 0].tolist() == [0, 0, 1, 1]
+    assert splice(a, b, "spatial")[0, 0, 0].tolist() == [0] * 4 + [1] * 4
+    sides = token_sides(tiny("videomae"), "temporal")  # 4 tubelet steps: first two from a
+    assert sides.tolist() == [0] * 32 + [1] * 32
+    assert crossing_groups(torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 0])) == (1, 2)
+
+
+def test_confusion_difference(tmp_path):
+    before, after = tmp_path / "a", tmp_path / "b"
+    before.mkdir(), after.mkdir()
+    names = ["a", "b", "c"]
+    (before / "confusion.json").write_text(json.dumps({"classes": names, "matrix": [[5, 0, 0], [1, 4, 0], [0, 0, 5]]}))
+    (after / "confusion.json").write_text(json.dumps({"classes": names, "matrix": [[5, 0, 0], [3, 2, 0], [0, 1, 4]]}))
+    same = confusion_change(before, before)
+    assert not same["diff"].any() and same["lost_most"] == []
+    change = confusion_change(before, after)
+    assert change["diff"].tolist() == [[0, 0, 0], [2, -2, 0], [0, 1, -1]]
+    assert [r["class"] for r in change["lost_most"]] == ["b", "c"]
+    assert main(["confusion", str(before), str(after), "--out", str(tmp_path / "d.png")]) == 0
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_placements_have_equal_total_reduction():
+    grid = placement_grid([4], ["merge"], num_layers=6)
+    assert grid[0]["r"] == 0
+    for setting in grid[1:]:
+        assert setting["r"] * len(setting["layers"]) == 4 * 6
+    assert set(placements(6)) == {"all", "first half", "second half", "early third", "middle third", "late third"}
+
+
+def test_sweep_placements_cli(tmp_path):
+    from test_eval import CLASSES, flat_video
+
+    root = tmp_path / "data"
+    for label, name in enumerate(CLASSES[:2]):
+        (root / name).mkdir(parents=True)
+        write_video(root / name / "v.mp4", flat_video(label))
+    model_dir = tmp_path / "m"
+    tiny("vivit", image_size=32, num_labels=2, num_hidden_layers=3).save_pretrained(model_dir)
+    out = tmp_path / "sweep"
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(model_dir),
+                "--dataset",
+                "folder",
+                "--root",
+                str(root),
+                "--r",
+                "2",
+                "--placements",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert len(rows) == 1 + 6 and rows[1]["placement"].startswith("all")
+    assert (out / "sweep.png").exists()
