@@ -7,7 +7,10 @@ size ``C`` (one multiply-add = 2 FLOPs):
   matmuls); MLP ``16mC^2``;
 - divided space-time (TimeSformer, ``n = 1 + sT`` for ``s`` slots x ``T`` frames): temporal attention
   ``8sTC^2 + 4sT^2C`` plus its extra projection ``2sTC^2``; spatial attention per frame with the class
-  token ``8T(1+s)C^2 + 4T(1+s)^2C``; MLP ``16mC^2``.
+  token ``8T(1+s)C^2 + 4T(1+s)^2C``; MLP ``16mC^2``;
+- trajectory attention (Motionformer, ``n = 1 + S`` with ``S = F x P``): q, k, v and output projections
+  ``8nC^2``, class token ``4nC``, per-frame spatial step ``4S^2C``, query projection ``2SC^2``, key/value
+  projection of the ``S x F`` trajectory points ``4SFC^2``, temporal step ``4SFC``; MLP ``16mC^2``.
 
 Embedding, head, layer norms, softmax and the matching itself are left out: they are small, and the
 ratio of two such counts is the speedup a perfect implementation would get.
@@ -18,35 +21,44 @@ from __future__ import annotations
 import torch.nn as nn
 
 
-def layer_flops(n: int, m: int, hidden: int, frames: int | None = None) -> float:
-    """FLOPs of one layer: ``n`` tokens in, ``m`` out; ``frames`` set for divided space-time attention."""
+def layer_flops(n: int, m: int, hidden: int, frames: int | None = None, attention: str | None = None) -> float:
+    """FLOPs of one layer: ``n`` tokens in, ``m`` out. ``attention`` is ``joint`` (default), ``divided``
+    (the default when ``frames`` is given) or ``trajectory``; ``frames`` is the token grid's frame count."""
     c = hidden
-    if frames is None:
-        attention = 8 * n * c * c + 4 * n * n * c
-    else:
+    attention = attention or ("joint" if frames is None else "divided")
+    if attention == "joint":
+        cost = 8 * n * c * c + 4 * n * n * c
+    elif attention == "divided":
         t = frames
         s = (n - 1) // t
         temporal = 8 * s * t * c * c + 4 * s * t * t * c + 2 * s * t * c * c
         spatial = 8 * t * (1 + s) * c * c + 4 * t * (1 + s) ** 2 * c
-        attention = temporal + spatial
-    return float(attention + 16 * m * c * c)
+        cost = temporal + spatial
+    elif attention == "trajectory":
+        f, s = frames, n - 1
+        cost = 8 * n * c * c + 4 * n * c + 4 * s * s * c + 2 * s * c * c + 4 * s * f * c * c + 4 * s * f * c
+    else:
+        raise ValueError(f"attention must be joint, divided or trajectory; got {attention!r}")
+    return float(cost + 16 * m * c * c)
 
 
-def stack_flops(input_tokens: int, tokens_per_layer: list[int], hidden: int, frames: int | None = None) -> float:
+def stack_flops(
+    input_tokens: int, tokens_per_layer: list[int], hidden: int, frames: int | None = None, attention: str | None = None
+) -> float:
     """FLOPs of all layers for one clip, from the tokens entering the first layer and leaving each layer."""
     total, n = 0.0, input_tokens
     for m in tokens_per_layer:
-        total += layer_flops(n, m, hidden, frames)
+        total += layer_flops(n, m, hidden, frames, attention)
         n = m
     return total
 
 
 def last_run_flops(model: nn.Module) -> tuple[float, float]:
     """``(unmerged, merged)`` FLOPs per clip of a patched ``model``'s last forward (ratio = speedup bound)."""
-    from vtome.patch import last_run, layout
+    from vtome.patch import attention_kind, last_run, layout
 
     run = last_run(model)
-    frames, hidden = layout(model).frames, model.config.hidden_size
+    frames, hidden, kind = layout(model).frames, model.config.hidden_size, attention_kind(model)
     n0 = run.input_tokens
-    unmerged = stack_flops(n0, [n0] * len(run.tokens_per_layer), hidden, frames)
-    return unmerged, stack_flops(n0, run.tokens_per_layer, hidden, frames)
+    unmerged = stack_flops(n0, [n0] * len(run.tokens_per_layer), hidden, frames, kind)
+    return unmerged, stack_flops(n0, run.tokens_per_layer, hidden, frames, kind)

@@ -65,7 +65,7 @@ def patch(
     unpatch(model)
     state = MergeState(settings, layout, num_heads=model.config.num_attention_heads)
     state.handles = adapter.apply(model, state)
-    state.family, state.scheme = adapter.FAMILY, adapter.SCHEME
+    state.family, state.scheme, state.attention = adapter.FAMILY, adapter.SCHEME, adapter.ATTENTION
     model._vtome = state
     return model
 
@@ -104,3 +104,8 @@ def settings(model: nn.Module) -> MergeSettings:
 def layout(model: nn.Module) -> Layout:
     """Where a patched ``model``'s mergeable tokens sit (``frames`` is set for divided space-time models)."""
     return _state(model).layout
+
+
+def attention_kind(model: nn.Module) -> str:
+    """``joint``, ``divided`` or ``trajectory``: the attention of a patched ``model`` (for FLOP counts)."""
+    return _state(model).attention

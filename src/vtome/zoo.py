@@ -53,8 +53,17 @@ def builtin_names() -> dict[str, str]:
 
 
 def _load_extras() -> None:
-    """Import the modules that register extra built-ins: the bundled demo models."""
+    """Register the built-ins that are not Hugging Face classes: Motionformer and the bundled demo models."""
     import vtome.demo.checkpoints  # noqa: F401
+
+    if "motionformer-base" not in _EXTRA:
+        from vtome.motionformer import MotionformerForVideoClassification
+
+        register(
+            "motionformer-base",
+            MotionformerForVideoClassification,
+            "Motionformer-B 16x4, 16 frames x 224 px, tubelet 2: 8 x 196 tokens + class token (random weights)",
+        )
 
 
 def load_model(name_or_path: str, attn: str | None = "sdpa") -> nn.Module:
@@ -71,6 +80,10 @@ def load_model(name_or_path: str, attn: str | None = "sdpa") -> nn.Module:
         model = getattr(transformers, cls_name)(getattr(transformers, cfg_name)(**overrides))
     elif name_or_path in _EXTRA:
         model = _EXTRA[name_or_path][0]()
+    elif name_or_path.endswith((".pyth", ".pth", ".pt")) and os.path.isfile(name_or_path):
+        from vtome.motionformer import load_official
+
+        model = load_official(name_or_path)
     elif os.path.isdir(name_or_path):
         config = transformers.AutoConfig.from_pretrained(name_or_path)
         model = _class_for(config, name_or_path).from_pretrained(name_or_path)
@@ -91,7 +104,10 @@ def load_model(name_or_path: str, attn: str | None = "sdpa") -> nn.Module:
 
 
 def _choices() -> str:
-    return "Built-in names: " + ", ".join(builtin_names()) + "; or a directory written by save_pretrained."
+    return (
+        "Built-in names: " + ", ".join(builtin_names()) + "; or a directory written by save_pretrained, "
+        "or an official Motionformer .pyth checkpoint."
+    )
 
 
 def _class_for(config: object, where: str) -> type:

@@ -18,6 +18,7 @@ _FAMILY_DEFAULTS = {
     "videomae": (IMAGENET_MEAN, IMAGENET_STD),
     "vivit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "timesformer": ((0.45, 0.45, 0.45), (0.225, 0.225, 0.225)),
+    "motionformer": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the official configs' DATA.MEAN / STD
 }
 _PROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import vtome
 from vtome.demo import checkpoints
-from vtome.demo.synth import ClipSpec, is_temporal, make_batch, normalize
+from vtome.demo.synth import ClipSpec, is_temporal, make_batch, make_clip, normalize
 from vtome.flops import last_run_flops
 from vtome.state import CapWarning
 
@@ -104,3 +104,22 @@ def run_demo(cfg: DemoConfig, on_row: Callable[[dict], None] | None = None) -> l
             if on_row:
                 on_row(row)
     return rows
+
+
+def write_visualizations(out: str, cfg: DemoConfig, clip_index: int = 7) -> list[str]:
+    """Merge groups of one held-out clip for each bundled model (merge mode, the demo's r), under ``out``."""
+    from vtome.data.transforms import preprocess_for
+    from vtome.visualize import clip_from_frames, save_frames, visualize_clip
+    from vtome.zoo import model_source
+
+    written = []
+    for family, name in checkpoints.FAMILIES.items():
+        model = checkpoints.load(family)
+        spec = ClipSpec(frames=model.config.num_frames, size=model.config.image_size)
+        clip, _ = make_clip(cfg.seed, "test", clip_index, spec)
+        frames = (clip.permute(0, 2, 3, 1) * 255).round().byte().numpy()
+        shown = clip_from_frames(frames, preprocess_for(model, model_source(name)))
+        r = r_for_flop_ratio(model, cfg.target_flop_ratio, shown.pixel_values)
+        drawn, _ = visualize_clip(model, shown, r=r)
+        written.append(str(save_frames(drawn, out, name=f"{name}_merges")["png"]))
+    return written

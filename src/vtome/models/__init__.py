@@ -2,7 +2,8 @@
 
 Each adapter module defines:
 
-- ``FAMILY`` (display name), ``DEFAULT_PROP_ATTN`` and ``SCHEME`` (``"spatio-temporal"`` or ``"divided"``);
+- ``FAMILY`` (display name), ``DEFAULT_PROP_ATTN``, ``SCHEME`` (``"spatio-temporal"`` or ``"divided"``) and
+  ``ATTENTION`` (``"joint"``, ``"divided"`` or ``"trajectory"``: which FLOP model applies);
 - ``layers(model) -> nn.ModuleList`` and ``base(model) -> nn.Module`` (the module that takes ``pixel_values``);
 - ``layout(model) -> Layout``;
 - ``apply(model, state) -> list[RemovableHandle]``: swap in the patched classes and install hooks;
@@ -29,6 +30,7 @@ REGISTRY: dict[str, str] = {
     "VivitForVideoClassification": "vivit",
     "TimesformerModel": "timesformer",
     "TimesformerForVideoClassification": "timesformer",
+    "MotionformerForVideoClassification": "motionformer",
 }
 
 

@@ -20,6 +20,7 @@ from vtome.models import begin_on_forward, capture_keys, grid_positions, swap_cl
 from vtome.state import Layout, MergeState
 
 FAMILY = "TimeSformer"
+ATTENTION = "divided"
 SCHEME = "divided"
 DEFAULT_PROP_ATTN = True
 

@@ -17,6 +17,7 @@ from vtome.models import begin_on_forward, capture_keys, grid_positions, swap_cl
 from vtome.state import Layout, MergeState
 
 FAMILY = "VideoMAE"
+ATTENTION = "joint"
 SCHEME = "spatio-temporal"
 DEFAULT_PROP_ATTN = False
 
