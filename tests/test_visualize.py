@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,20 @@ def test_sweep_placements_cli(tmp_path):
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert len(rows) == 1 + 6 and rows[1]["placement"].startswith("all")
     assert (out / "sweep.png").exists()
+    late = next(r for r in rows if r["placement"].startswith("late third"))
+    summary = json.loads((Path(late["out"]) / "summary.json").read_text())
+    assert summary["merge"]["layers"] == [2] and summary["merge"]["r"] == 6  # 2 per layer x 3, all in layer 2
+    assert len({r["out"] for r in rows}) == len(rows)  # one folder per setting
+
+
+def test_eval_merges_only_in_chosen_layers(tmp_path):
+    from test_eval import CLASSES, flat_video
+
+    from vtome.evaluate import EvalConfig, run_eval
+
+    root = tmp_path / "data"
+    (root / CLASSES[0]).mkdir(parents=True)
+    write_video(root / CLASSES[0] / "v.mp4", flat_video(0))
+    model = tiny("vivit", image_size=32, num_labels=2, num_hidden_layers=3)
+    run_eval(EvalConfig(model=model, dataset="folder", root=str(root), out=str(tmp_path / "o"), r=1, layers=[2]))
+    assert vtome.last_run(model).tokens_per_layer == [17, 17, 16]  # 16 patches + class token; only layer 2 merges

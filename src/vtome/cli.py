@@ -157,7 +157,7 @@ def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from vtome.demo.run import DemoConfig, run_demo
+    from vtome.demo.run import DemoConfig, run_demo, write_visualizations
 
     clips = args.clips or (45 if args.quick else 300)
     if clips < 15 or args.flop_ratio <= 1.0:
@@ -196,6 +196,8 @@ def _demo(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
         out.print(f"wrote {args.json}")
+    pictures = write_visualizations(args.out, cfg)
+    out.print("merge groups of one held-out clip (PNG grid, GIF, MP4): " + ", ".join(pictures))
     return 0
 
 
@@ -346,8 +348,9 @@ def _sweep(args: argparse.Namespace) -> int:
         rows = run_sweep(_eval_config(args), grid, eval_progress=update)
     for row in rows:
         speed = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
+        where = row["placement"] or f"from layer {row['start_layer']}"
         print(
-            f"{row['mode']:>12} r={row['r']:<4} from layer {row['start_layer']}: top-1 {row['top1']:.2%}  "
+            f"{row['mode']:>12} r={row['r']:<4} {where}: top-1 {row['top1']:.2%}  "
             f"speedup {speed}  FLOP ratio {row['flop_ratio']:.2f}x"
         )
     print(f"wrote {args.out}/sweep.csv and {args.out}/sweep.png")

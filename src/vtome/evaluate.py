@@ -72,6 +72,7 @@ class EvalConfig:
             "prop_attn": self.prop_attn,
             "threshold": self.threshold,
             "start_layer": self.start_layer,
+            "layers": self.layers,
         }
 
 
@@ -204,6 +205,7 @@ def _load(model: str | nn.Module, cfg: EvalConfig) -> tuple[nn.Module, str | Non
             prop_attn=cfg.prop_attn,
             threshold=cfg.threshold,
             start_layer=cfg.start_layer,
+            layers=cfg.layers,
             seed=0,
         )
     return net, source

@@ -109,18 +109,13 @@ def run_sweep(
         if on_setting:
             on_setting(setting)
         name = "baseline" if setting["r"] == 0 else f"{setting['mode']}_r{setting['r']}_s{setting['start_layer']}"
+        if setting["layers"] is not None:
+            name += "_l" + "-".join(map(str, setting["layers"]))
         mode = setting["mode"] if setting["r"] else base.mode
-        cfg = dataclasses.replace(
-            base, out=str(out / name), r=setting["r"], mode=mode, start_layer=setting["start_layer"]
-        )
+        merging = {"r": setting["r"], "mode": mode, "start_layer": setting["start_layer"], "layers": setting["layers"]}
+        cfg = dataclasses.replace(base, out=str(out / name), **merging)
         summary = run_eval(cfg, eval_progress)
-        ratio = (
-            1.0
-            if setting["r"] == 0
-            else flop_ratio(
-                base.model, r=setting["r"], mode=mode, start_layer=setting["start_layer"], threshold=base.threshold
-            )
-        )
+        ratio = 1.0 if setting["r"] == 0 else flop_ratio(base.model, threshold=base.threshold, **merging)
         rows.append(
             {
                 **setting,
