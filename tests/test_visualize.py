@@ -176,7 +176,8 @@ def test_sweep_placements_cli(tmp_path):
         == 0
     )
     rows = list(csv.DictReader((out / "sweep.csv").open()))
-    assert len(rows) == 1 + 6 and rows[1]["placement"].startswith("all")
+    # 3 layers: all, first half = early third [0], second half [1, 2], middle third [1], late third [2]
+    assert len(rows) == 1 + 5 and rows[1]["placement"].startswith("all")
     assert (out / "sweep.png").exists()
     late = next(r for r in rows if r["placement"].startswith("late third"))
     summary = json.loads((Path(late["out"]) / "summary.json").read_text())

@@ -62,10 +62,10 @@ def settings_grid(rs: list[int], modes: list[str], start_layers: list[int] | Non
 
 
 def placements(num_layers: int) -> dict[str, list[int]]:
-    """Named sets of merging layers: all, each half, each third."""
+    """Named sets of merging layers: all, each half, each third (a set already named is not repeated)."""
     third = max(1, num_layers // 3)
     half = max(1, num_layers // 2)
-    return {
+    named = {
         "all": list(range(num_layers)),
         "first half": list(range(half)),
         "second half": list(range(half, num_layers)),
@@ -73,6 +73,11 @@ def placements(num_layers: int) -> dict[str, list[int]]:
         "middle third": list(range(third, min(2 * third, num_layers))),
         "late third": list(range(num_layers - third, num_layers)),
     }
+    unique: dict[str, list[int]] = {}
+    for name, layers in named.items():
+        if layers and layers not in unique.values():
+            unique[name] = layers
+    return unique
 
 
 def placement_grid(rs: list[int], modes: list[str], num_layers: int) -> list[dict]:
