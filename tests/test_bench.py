@@ -120,6 +120,15 @@ def test_divided_flops_count_temporal_and_spatial_attention():
     assert layer_flops(7, 7, 4, frames=3) == expected
 
 
+def test_compiled_bench_reports_unknown_merge_share(tiny_dir, tmp_path):
+    out = tmp_path / "c.json"
+    argv = ["bench", "--model", tiny_dir, "--r", "0,4", "--warmup", "0", "--repeats", "1", "--compile"]
+    assert main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert rows[1]["overhead_share"] is None  # a compiled model fuses the merge away from the profiler
+    assert rows[1]["flop_ratio"] > 1.0
+
+
 def test_timesformer_bench_runs(tmp_path):
     tiny("timesformer", num_hidden_layers=2).save_pretrained(tmp_path)
     report = run_benchmark(BenchConfig(model=str(tmp_path), rs=[0, 3], warmup=0, repeats=1))

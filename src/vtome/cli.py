@@ -120,7 +120,7 @@ def _bench(args: argparse.Namespace) -> int:
             f"{row['flop_ratio']:.2f}x",
             f"{row['speedup']:.2f}x",
             f"{row['speedup_over_flop_ratio']:.0%}",
-            f"{row['overhead_share']:.1%}",
+            "-" if row["overhead_share"] is None else f"{row['overhead_share']:.1%}",
         )
     out.print(table)
     out.print(
