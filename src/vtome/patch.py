@@ -65,7 +65,7 @@ def patch(
     unpatch(model)
     state = MergeState(settings, layout, num_heads=model.config.num_attention_heads)
     state.handles = adapter.apply(model, state)
-    state.family, state.scheme, state.attention = adapter.FAMILY, adapter.SCHEME, adapter.ATTENTION
+    state.attention = adapter.ATTENTION
     model._vtome = state
     return model
 

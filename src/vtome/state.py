@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -123,9 +123,6 @@ class MergeSettings:
         """``r`` for each layer, before capping (0 outside ``layers`` and before ``start_layer``)."""
         values = parse_schedule(self.r, self.num_layers, self.start_layer)
         return values if self.layers is None else [v if i in self.layers else 0 for i, v in enumerate(values)]
-
-    def as_dict(self) -> dict[str, object]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "num_layers"}
 
 
 @dataclass(frozen=True)

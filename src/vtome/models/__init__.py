@@ -2,8 +2,8 @@
 
 Each adapter module defines:
 
-- ``FAMILY`` (display name), ``DEFAULT_PROP_ATTN``, ``SCHEME`` (``"spatio-temporal"`` or ``"divided"``) and
-  ``ATTENTION`` (``"joint"``, ``"divided"`` or ``"trajectory"``: which FLOP model applies);
+- ``FAMILY`` (display name), ``DEFAULT_PROP_ATTN`` and ``ATTENTION`` (``"joint"``, ``"divided"`` or
+  ``"trajectory"``: which FLOP model applies);
 - ``layers(model) -> nn.ModuleList`` and ``base(model) -> nn.Module`` (the module that takes ``pixel_values``);
 - ``layout(model) -> Layout``;
 - ``apply(model, state) -> list[RemovableHandle]``: swap in the patched classes and install hooks;

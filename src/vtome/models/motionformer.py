@@ -20,7 +20,6 @@ from vtome.models import begin_on_forward, grid_positions, swap_class
 from vtome.state import Layout, MergeState
 
 FAMILY = "Motionformer"
-SCHEME = "divided"
 ATTENTION = "trajectory"
 DEFAULT_PROP_ATTN = True
 

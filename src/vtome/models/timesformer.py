@@ -21,7 +21,6 @@ from vtome.state import Layout, MergeState
 
 FAMILY = "TimeSformer"
 ATTENTION = "divided"
-SCHEME = "divided"
 DEFAULT_PROP_ATTN = True
 
 

@@ -18,7 +18,6 @@ from vtome.state import Layout, MergeState
 
 FAMILY = "VideoMAE"
 ATTENTION = "joint"
-SCHEME = "spatio-temporal"
 DEFAULT_PROP_ATTN = False
 
 

@@ -17,7 +17,6 @@ from vtome.state import Layout, MergeState
 
 FAMILY = "ViViT"
 ATTENTION = "joint"
-SCHEME = "spatio-temporal"
 DEFAULT_PROP_ATTN = True
 
 
