@@ -272,6 +272,29 @@ def test_sweep_writes_csv_and_plot(k400, tmp_path):
     assert float(rows[0]["flop_ratio"]) == 1.0 and float(rows[2]["flop_ratio"]) > float(rows[1]["flop_ratio"]) > 1
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "merge_r2_s0" / "summary.json").exists()
+    only = tmp_path / "only"
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(model_dir),
+                "--dataset",
+                "k400",
+                "--root",
+                str(k400),
+                "--r",
+                "0,2",
+                "--layers",
+                "2",
+                "--out",
+                str(only),
+            ]
+        )
+        == 0
+    )
+    summary = json.loads((only / "merge_r2_s0_l2" / "summary.json").read_text())
+    assert summary["merge"]["layers"] == [2]
 
 
 def test_two_processes_equal_one(k400, tmp_path):

@@ -316,6 +316,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--r", type=_ints, default=[0, 50, 100, 150], help="comma-separated r values")
     p.add_argument("--modes", default="merge", help="comma-separated modes (default: merge)")
     p.add_argument("--start-layers", type=_ints, default=[0], help="comma-separated first merging layers")
+    p.add_argument("--layers", type=_ints, default=None, help="merge only in these layers (comma-separated)")
     p.add_argument(
         "--placements",
         action="store_true",
@@ -342,7 +343,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
         grid = placement_grid(args.r, modes, load_model(args.model).config.num_hidden_layers)
     else:
-        grid = settings_grid(args.r, modes, args.start_layers)
+        grid = settings_grid(args.r, modes, args.start_layers, args.layers)
     with _progress() as progress:
         update = _eval_progress(progress, "sweep")
         rows = run_sweep(_eval_config(args), grid, eval_progress=update)

@@ -51,13 +51,15 @@ def flop_ratio(model_name: str | torch.nn.Module, **patch_kwargs: object) -> flo
     return unmerged / merged
 
 
-def settings_grid(rs: list[int], modes: list[str], start_layers: list[int] | None = None) -> list[dict]:
-    """The baseline, then every (mode, r > 0, start layer) combination."""
+def settings_grid(
+    rs: list[int], modes: list[str], start_layers: list[int] | None = None, layers: list[int] | None = None
+) -> list[dict]:
+    """The baseline, then every (mode, r > 0, start layer) combination, merging in ``layers`` (None: all)."""
     grid = [{"mode": "none", "r": 0, "start_layer": 0, "placement": "", "layers": None}]
     for mode in modes:
         for r in (r for r in rs if r > 0):
             for start in start_layers or [0]:
-                grid.append({"mode": mode, "r": r, "start_layer": start, "placement": "", "layers": None})
+                grid.append({"mode": mode, "r": r, "start_layer": start, "placement": "", "layers": layers})
     return grid
 
 
