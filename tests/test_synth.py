@@ -92,3 +92,30 @@ def test_appearance_labels_recoverable_from_pixels(seed):
         strong = (strong,) if isinstance(strong, int) else strong
         weak = [c for c in range(3) if c not in strong]
         assert min(mean[list(strong)]) > max(mean[weak]) + 0.1, (name, mean)
+
+
+def test_time_reversal_maps_each_class_to_its_twin():
+    from vtome.demo.synth import reversed_label
+
+    assert [CLASSES[reversed_label(c)] for c in range(NUM_APPEARANCE)] == list(APPEARANCE_CLASSES)
+    pairs = {CLASSES[c]: CLASSES[reversed_label(c)] for c in range(NUM_APPEARANCE, len(CLASSES))}
+    assert pairs["moving left"] == "moving right" and pairs["appearing"] == "disappearing"
+    assert pairs["coming towards"] == "going away" and pairs["turning anticlockwise"] == "turning clockwise"
+    assert all(reversed_label(reversed_label(c)) == c for c in range(len(CLASSES)))
+    # a "moving left" clip played backwards moves right
+    clip, mask, cx, *_ = _object_track(CLASSES.index("moving left"), 0)
+    backwards = cx.flip(0)
+    assert backwards[-1] - backwards[0] > 20
+
+
+def test_reverse_half_flips_clips_and_labels_together():
+    from vtome.demo.train import reverse_half
+
+    clips, labels = make_batch(0, "train", range(30), SPEC)
+    out, new = reverse_half(clips, labels, torch.Generator().manual_seed(0))
+    flipped = [i for i in range(30) if not torch.equal(out[i], clips[i])]
+    assert 5 < len(flipped) < 25
+    for i in range(30):
+        if i in flipped:
+            assert torch.equal(out[i], clips[i].flip(0))
+        assert (new[i] != labels[i]) == (i in flipped and labels[i] >= NUM_APPEARANCE)

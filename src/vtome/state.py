@@ -218,10 +218,6 @@ class MergeState:
             with record_function(PROFILE_RANGE):
                 self.metric = aggregate_heads(keys.detach(), self.num_heads, self.settings.head_aggregation)
 
-    @property
-    def size(self) -> Tensor | None:
-        return self.run.size
-
     def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
         """Proportional-attention mask ``[B, 1, 1, N]`` for the current tokens, or None when not needed."""
         if not self.settings.prop_attn or self.run.size is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from vtome import zoo
@@ -39,7 +40,12 @@ def build(family: str, **overrides: object) -> nn.Module:
         return VideoMAEForVideoClassification(config)
     if family == "divided":
         config = TimesformerConfig(patch_size=16, num_frames=8, attention_type="divided_space_time", **kw)
-        return TimesformerForVideoClassification(config)
+        model = TimesformerForVideoClassification(config)
+        # Frame order reaches a TimeSformer only through its time embeddings, which start at zero; a
+        # sinusoidal start (as VideoMAE's fixed table) lets it tell "left" from "right" from the first step.
+        with torch.no_grad():
+            model.timesformer.embeddings.time_embeddings.copy_(_sinusoid(config.num_frames, config.hidden_size))
+        return model
     raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
 
 
@@ -52,6 +58,15 @@ def write_processor_config(out: Path, size: int) -> None:
         "crop_size": {"height": size, "width": size},
     }
     (out / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _sinusoid(positions: int, dim: int) -> torch.Tensor:
+    """``[1, positions, dim]`` sine/cosine position table."""
+    pos = torch.arange(positions, dtype=torch.float32)[:, None]
+    rate = torch.exp(-torch.arange(0, dim, 2, dtype=torch.float32) * (torch.log(torch.tensor(10000.0)) / dim))
+    table = torch.zeros(positions, dim)
+    table[:, 0::2], table[:, 1::2] = torch.sin(pos * rate), torch.cos(pos * rate)
+    return table[None]
 
 
 def weights_dir(family: str) -> Path:

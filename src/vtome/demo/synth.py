@@ -58,6 +58,15 @@ def is_temporal(label: int) -> bool:
     return label >= NUM_APPEARANCE
 
 
+def reversed_label(label: int) -> int:
+    """The class of the clip played backwards: temporal classes swap with their twin (left <-> right,
+    appearing <-> disappearing, ...); appearance classes keep theirs."""
+    if not is_temporal(label):
+        return label
+    kind = label - NUM_APPEARANCE
+    return NUM_APPEARANCE + (kind ^ 1)
+
+
 @dataclass(frozen=True)
 class ClipSpec:
     """Clip geometry: ``frames`` x ``size`` x ``size`` RGB."""

@@ -20,7 +20,16 @@ import torch
 import torch.nn as nn
 
 from vtome.demo import checkpoints
-from vtome.demo.synth import ClipSpec, is_temporal, make_batch, normalize
+from vtome.demo.synth import ClipSpec, is_temporal, make_batch, normalize, reversed_label
+
+
+def reverse_half(clips: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Time-reversal augmentation: a random half of the clips ``[B, T, ...]`` played backwards, with
+    their labels mapped to the reversed class, so that frame order is the only way to tell the twins."""
+    flip = torch.rand(len(clips), generator=g) < 0.5
+    clips = torch.where(flip[:, None, None, None, None], clips.flip(1), clips)
+    labels = torch.tensor([reversed_label(y) if f else y for y, f in zip(labels.tolist(), flip.tolist())])
+    return clips, labels
 
 
 def spec_for(model: nn.Module) -> ClipSpec:
@@ -60,6 +69,7 @@ def train(
     log_every: int = 50,
     overrides: dict | None = None,
     command: str = "",
+    reverse: bool = False,
 ) -> dict:
     """Train ``family`` for ``steps`` steps of ``batch_size`` generated clips; save to ``out`` if given."""
     torch.manual_seed(seed)
@@ -78,6 +88,8 @@ def train(
     for step in range(steps):
         model.train()
         clips, labels = make_batch(data_seed, "train", range(step * batch_size, (step + 1) * batch_size), spec)
+        if reverse:
+            clips, labels = reverse_half(clips, labels, torch.Generator().manual_seed(seed * 100_003 + step))
         loss = model(pixel_values=normalize(clips), labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -96,6 +108,7 @@ def train(
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
+        "time_reversal_augmentation": reverse,
         "train_seconds": round(train_seconds, 1),
         "test": result,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -120,6 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-clips", type=int, default=450)
     p.add_argument("--tiny", action="store_true", help="a 1-layer, 32 px model (for tests)")
+    p.add_argument(
+        "--reverse",
+        action="store_true",
+        help="time-reversal augmentation (half of each batch backwards, temporal labels swapped)",
+    )
     args = p.parse_args(argv)
     overrides = (
         {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "image_size": 32} if args.tiny else {}
@@ -136,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         eval_clips=args.eval_clips,
         overrides=overrides,
         command=command,
+        reverse=args.reverse,
     )
     return 0
 
