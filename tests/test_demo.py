@@ -36,6 +36,20 @@ def test_bundled_checkpoints_load_and_reach_their_recorded_accuracy(family):
     assert got["acc"] >= record["test"]["acc"] - 0.1
 
 
+def test_divided_model_starts_with_temporal_heads_on_the_neighbouring_frames():
+    model = checkpoints.build("divided")
+    layer, heads = model.timesformer.encoder.layer[0], model.config.num_attention_heads
+    tokens = model.timesformer.embeddings(torch.rand(1, 8, 3, 96, 96) * 2 - 1)[:, 1:]  # patch-major, time-minor
+    per_patch = layer.temporal_layernorm(tokens.reshape(36, 8, -1))
+    attn = layer.temporal_attention.attention
+    q, k, _ = attn.qkv(per_patch).reshape(36, 8, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    probs = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1)  # [patches, heads, T, T]
+    t = torch.arange(1, 8)
+    assert (probs[:, 0, t, t - 1] > 0.9).all()  # head 0 looks one frame back
+    assert (probs[:, 1, t - 1, t] > 0.9).all()  # head 1 looks one frame ahead
+    assert probs[:, 2:].max() < 0.9  # the other heads start unbiased
+
+
 def test_demo_models_are_builtin_names():
     names = builtin_names()
     assert "demo-joint" in names and "demo-divided" in names
@@ -62,3 +76,19 @@ def test_patched_demo_model_r0_is_exact():
     with torch.no_grad():
         ref = model(pixel_values=clip).logits
         assert torch.equal(vtome.patch(model, r=0)(pixel_values=clip).logits, ref)
+
+
+def test_r_for_flop_ratio_is_the_smallest_r_and_stops_where_merging_saturates():
+    from vtome.demo.run import flop_ratio, r_for_flop_ratio
+
+    model, clip = load_model("demo-divided"), torch.rand(1, 8, 3, 96, 96)
+    probe = vtome.patch(load_model("demo-divided"), r=0)
+
+    def ratio(r):
+        vtome.settings(probe).r = r
+        return flop_ratio(probe, clip)
+
+    r = r_for_flop_ratio(model, 2.0, clip)
+    assert ratio(r) >= 2.0 > ratio(r - 1)
+    r = r_for_flop_ratio(model, 10.0, clip)  # beyond reach: 36 patches per frame run out after a few layers
+    assert r < 36 and ratio(r) == pytest.approx(ratio(1000)) and ratio(r - 1) < ratio(r)

@@ -133,7 +133,8 @@ def _heap_reader() -> Callable[[], int] | None:
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
-    """Peak memory one call adds: CUDA max allocated, or on CPU the sampled peak of allocated heap bytes."""
+    """Peak memory one call adds: CUDA max allocated, or on CPU the peak of allocated heap bytes sampled
+    every ~0.2 ms (a model forward lasts far longer; a buffer held for less may go unseen)."""
     if device.startswith("cuda"):
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -145,9 +146,10 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     if read is None:
         return None
     start = read()
-    peak, done = [start], threading.Event()
+    peak, ready, done = [start], threading.Event(), threading.Event()
 
     def sample() -> None:
+        ready.set()
         while not done.is_set():
             peak[0] = max(peak[0], read())
             time.sleep(0.0002)
@@ -156,6 +158,7 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     sys.setswitchinterval(1e-5)  # let the sampler run between short ops too
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    ready.wait()  # a call shorter than the sampler's start-up would otherwise go unseen
     try:
         fn()
     finally:

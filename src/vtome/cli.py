@@ -192,6 +192,12 @@ def _demo(args: argparse.Namespace) -> int:
         "r counts tokens merged per layer (per frame for demo-divided); speedup is measured while evaluating "
         "(use `vtome bench` for careful timings)."
     )
+    short = {r["model"]: r for r in rows if r["r"] and r["flop_ratio"] < cfg.target_flop_ratio - 0.05}
+    for name, row in short.items():
+        out.print(
+            f"[yellow]{name} cannot reach {cfg.target_flop_ratio}x fewer FLOPs: from r={row['r']} every layer "
+            f"merges all it can ({row['flop_ratio']:.2f}x)[/]"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -39,19 +39,21 @@ def flop_ratio(model: nn.Module, clip: torch.Tensor) -> float:
 
 
 def r_for_flop_ratio(model: nn.Module, target: float, clip: torch.Tensor) -> int:
-    """Smallest constant ``r`` at which a merged copy of ``model`` reaches ``target`` FLOP ratio."""
+    """Smallest constant ``r`` at which a merged copy of ``model`` reaches ``target`` FLOP ratio; where no ``r``
+    does (every layer already merges all it can), the smallest ``r`` reaching the largest ratio there is."""
     probe = vtome.patch(copy.deepcopy(model), r=0)
-    lo, hi = 0, max(1, probe.config.hidden_size)  # hi grows until the target is reached or r stops mattering
-    while True:
-        vtome.settings(probe).r = hi
-        ratio = flop_ratio(probe, clip)
-        if ratio >= target or hi > 10_000:
-            break
-        lo, hi = hi, hi * 2
+
+    def ratio_at(r: int) -> float:
+        vtome.settings(probe).r = r
+        return flop_ratio(probe, clip)
+
+    hi = max(1, probe.config.hidden_size)  # grows until the target is reached or r stops mattering
+    while (best := ratio_at(hi)) < target and hi <= 10_000:
+        hi *= 2
+    goal, lo = min(target, best) - 1e-9, 0
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        vtome.settings(probe).r = mid
-        lo, hi = (lo, mid) if flop_ratio(probe, clip) >= target else (mid, hi)
+        lo, hi = (lo, mid) if ratio_at(mid) >= goal else (mid, hi)
     return hi
 
 
