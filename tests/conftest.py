@@ -15,10 +15,12 @@ from transformers import (
 
 COMMON = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_labels=5)
 FAMILIES = ("videomae", "vivit", "timesformer")
+ALL_FAMILIES = (*FAMILIES, "motionformer")
 
 
 def tiny(family: str, attn: str = "sdpa", image_size: int = 64, **overrides: object) -> torch.nn.Module:
-    """A 3-layer model of ``family``: 64 px, 16 px patches; VideoMAE/ViViT 8 frames (tubelet 2), TimeSformer 4."""
+    """A 3-layer model of ``family``: 64 px, 16 px patches; VideoMAE/ViViT 8 frames (tubelet 2), TimeSformer 4,
+    Motionformer 4 (tubelet 2)."""
     torch.manual_seed(0)
     kw = {**COMMON, "image_size": image_size, **overrides}
     if family == "videomae":
@@ -28,6 +30,12 @@ def tiny(family: str, attn: str = "sdpa", image_size: int = 64, **overrides: obj
     elif family == "timesformer":
         model = TimesformerForVideoClassification(TimesformerConfig(patch_size=16, num_frames=4, **kw))
         attn = "eager"  # TimeSformer has no attention dispatch
+    elif family == "motionformer":
+        from vtome.motionformer import MotionformerConfig, MotionformerForVideoClassification
+
+        kw.pop("intermediate_size")
+        model = MotionformerForVideoClassification(MotionformerConfig(patch_size=16, num_frames=4, **kw))
+        return model.eval()  # our own model: one attention implementation
     else:
         raise ValueError(family)
     model.config._attn_implementation = attn
@@ -46,7 +54,7 @@ def input_tokens(model: torch.nn.Module) -> int:
     grid = (cfg.image_size // 16) ** 2
     if type(model).__name__.startswith("Timesformer"):
         return 1 + grid * cfg.num_frames
-    cls = 1 if type(model).__name__.startswith("Vivit") else 0
+    cls = 1 if type(model).__name__.startswith(("Vivit", "Motionformer")) else 0
     return cls + grid * cfg.num_frames // 2
 
 

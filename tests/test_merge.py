@@ -36,7 +36,7 @@ def test_merge_matches_reference_loop():
     metric = torch.randn(3, 11, 8, generator=g, dtype=torch.float64)
     x = torch.randn(3, 11, 5, generator=g, dtype=torch.float64)
     size = torch.randint(1, 4, (3, 11, 1), generator=g).double()
-    merge = bipartite_match(metric, 4)
+    merge = bipartite_match(metric, 4, order="spatial")
     out, out_size, _ = merge_tokens(merge, x, size)
     assert out.shape == (3, 7, 5)
     for b in range(3):
@@ -157,3 +157,90 @@ def test_parse_schedule(r, expected):
 
 def test_parse_schedule_start_layer():
     assert parse_schedule(7, 4, start_layer=2) == [0, 0, 7, 7]
+
+
+def published_reference(metric, x, size, r, protected, mode, threshold=0.0, draws=None):
+    """The published rule for one group ``[N, D]``, in plain loops over token indices (see vtome.merge):
+    A = even positions, B = odd positions over the whole sequence; protected tokens never leave nor receive;
+    stable descending sort of the A scores; output [staying A, B], staying A in score order without a
+    protected token and in position order with one. ``draws`` = (scores, partners) for the random modes."""
+    n = len(x)
+    a_pos, b_pos = list(range(0, n, 2)), list(range(1, n, 2))
+    unit = F.normalize(metric, dim=-1)
+    score, partner = [], []
+    for k, i in enumerate(a_pos):
+        if i < protected:
+            score.append(float("-inf"))
+            partner.append(None)
+            continue
+        if draws is not None:
+            score.append(float(draws[0][k]))
+            partner.append(b_pos[int(draws[1][k])])
+            continue
+        best, best_j = float("-inf"), None
+        for j in b_pos:
+            if j >= protected and float(unit[i] @ unit[j]) > best:
+                best, best_j = float(unit[i] @ unit[j]), j
+        score.append(best)
+        partner.append(best_j)
+    ranked = sorted(range(len(a_pos)), key=lambda k: -score[k])  # Python's sort is stable
+    leaving, staying = ranked[:r], ranked[r:]
+    if protected:
+        staying = sorted(staying)
+    feats = {j: x[j] * size[j] for j in b_pos}
+    sizes = {j: size[j].clone() for j in b_pos}
+    if mode == "hybrid":  # a B token receiving any dissimilar A token is replaced
+        for k in leaving:
+            if score[k] < threshold:
+                feats[partner[k]], sizes[partner[k]] = torch.zeros_like(x[0]), torch.zeros_like(size[0])
+    if mode not in ("drop", "random_drop"):
+        for k in leaving:
+            i, j = a_pos[k], partner[k]
+            feats[j] = feats[j] + x[i] * size[i]
+            sizes[j] = sizes[j] + size[i]
+    out = [x[a_pos[k]] for k in staying] + [feats[j] / sizes[j] for j in b_pos]
+    out_size = [size[a_pos[k]] for k in staying] + [sizes[j] for j in b_pos]
+    return torch.stack(out), torch.stack(out_size)
+
+
+@pytest.mark.parametrize("mode", ["merge", "drop", "random_merge", "random_drop", "hybrid"])
+@pytest.mark.parametrize("protected", [0, 1])
+@pytest.mark.parametrize("n", [12, 13])
+def test_published_order_matches_reference(mode, protected, n):
+    g = torch.Generator().manual_seed(n + 10 * protected)
+    groups, r = 3, 4
+    metric = torch.randn(groups, n, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(groups, n, 5, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (groups, n, 1), generator=g).double()
+    n_a, n_b = (n + 1) // 2, n // 2
+    draws = None
+    if mode.startswith("random"):  # the random modes draw scores, then partners among the unprotected B tokens
+        rng = torch.Generator().manual_seed(7)
+        draws = (torch.rand(groups, n_a, generator=rng), torch.randint(n_b, (groups, n_a), generator=rng))
+    match = bipartite_match(
+        metric, r, protected=protected, mode=mode, threshold=0.3, generator=torch.Generator().manual_seed(7)
+    )
+    out, out_size, _ = merge_tokens(match, x, size)
+    assert out.shape == (groups, n - r, 5)
+    for b in range(groups):
+        d = None if draws is None else (draws[0][b], draws[1][b])
+        ref, ref_size = published_reference(metric[b], x[b], size[b], r, protected, mode, 0.3, d)
+        torch.testing.assert_close(out[b], ref)
+        torch.testing.assert_close(out_size[b], ref_size)
+        if protected:
+            assert torch.equal(out[b, 0], x[b, 0])  # the class token stays first, untouched
+
+
+def test_spatial_order_keeps_positions_and_differs_from_published():
+    g = torch.Generator().manual_seed(4)
+    metric = torch.randn(2, 17, 8, generator=g)
+    positions = torch.arange(17.0).view(1, 17, 1).expand(2, 17, 1)
+    spatial = bipartite_match(metric, 5, protected=1, order="spatial")(positions)
+    # set-aside class token, then staying A (odd positions after it) in order, then B (even positions >= 2)
+    staying = spatial[:, 1 : 1 + 8 - 5, 0]
+    assert (spatial[:, 0, 0] == 0).all() and (staying.diff(dim=1) > 0).all() and (staying % 2 == 1).all()
+    paper = bipartite_match(metric, 5, protected=1)(positions)
+    assert (paper[:, 0, 0] == 0).all() and (paper[:, 1 : 1 + 9 - 1 - 5, 0] % 2 == 0).all()
+    assert not torch.equal(spatial, paper)
+    without_cls = bipartite_match(metric, 5)(positions)  # no protected token: staying A in score order
+    assert not (without_cls[:, : 9 - 5, 0].diff(dim=1) > 0).all()

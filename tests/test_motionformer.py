@@ -71,7 +71,7 @@ def test_trajectory_attention_matches_loop_reference():
         out, keys = attn(x, frames=2)
         ref = reference_trajectory_attention(attn, x[0], frames=2)
     torch.testing.assert_close(out[0], ref, rtol=1e-5, atol=1e-5)
-    assert keys.shape == (1, 9, 32)
+    assert keys.shape == (1, 2, 9, 16)  # per head
 
 
 def test_forward_shapes_and_epic_heads():

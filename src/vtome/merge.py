@@ -1,23 +1,43 @@
 """Token matching and merging: pure tensor code, no model imports.
 
-Bipartite soft matching (Bolya et al., ToMe 2023) as extended to video by Pollard & Wray (2025):
-tokens are split alternately into sets A (even positions) and B (odd positions); each A token finds its
-most similar B token (cosine similarity of a metric, usually the attention keys); the ``r`` A tokens
-with the best match leave A. What happens to them depends on the reduction mode:
+Bipartite soft matching (Bolya et al., ToMe 2023) as extended to video by Pollard & Wray (2025). One step
+takes a group of ``N`` tokens ``[G, N, D]`` (the adapters decide what a group is: a whole clip for joint
+space-time attention, one frame for divided space-time attention), of which the first ``p`` are protected
+(a class token: never removed, never a destination), and removes ``r <= (N - p) // 2`` of them.
 
-- ``merge``: each leaving A token is averaged into its B partner, weighted by token size;
-- ``drop``: the leaving A tokens are discarded;
-- ``random_merge`` / ``random_drop``: as above, but the scores and partners are random;
+The published rule (``order="paper"``, the default), for each group:
+
+1. Split by position over the *whole* group, protected tokens included: A = even positions
+   ``0, 2, 4, ...``, B = odd positions ``1, 3, 5, ...``.
+2. Each A token's score is its best cosine similarity to any B token (of the metric, usually the
+   attention keys averaged over heads); its partner is that B token (the first one on ties). A protected
+   A token scores ``-inf``; a protected B token is never a partner.
+3. Sort the A tokens by score, descending, with a stable sort (ties keep position order). The first ``r``
+   leave; the rest stay.
+4. Output ``[staying A, B]``. The B tokens keep their original order. The staying A tokens keep the
+   sorted (descending score) order when the group has no protected token, and their original order when it
+   has one (so a class token at position 0 stays first).
+
+What happens to a leaving A token depends on the reduction mode:
+
+- ``merge``: it is averaged into its B partner, weighted by token size (how many input patches each
+  token stands for); sizes add up;
+- ``drop``: it is discarded;
+- ``random_merge`` / ``random_drop``: as above, but scores and partners are drawn at random (the paper's
+  controls);
 - ``hybrid``: a pair whose similarity is at least ``threshold`` merges; below it the B partner is
-  dropped and the A token takes its place (when several A tokens reach one replaced B token they are
-  averaged there, the B token's own content and size discarded).
+  dropped and the A token takes its place (several A tokens reaching one replaced B token are averaged
+  there, the B token's own content and size discarded).
 
-Everything works on a batch of token groups ``[G, N, D]``: the adapters decide what a group is (a
-whole clip for joint space-time attention, one frame for divided space-time attention).
+``order="spatial"`` is the alternative: the protected tokens are set aside first and stay in front, the
+alternation A/B starts after them, and staying A tokens always keep their original order. It picks
+different pairs from the published method after the first merge (the next layer splits by position
+again), but keeps tokens in a stable spatial order.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,14 +46,18 @@ from torch import Tensor
 
 MODES: tuple[str, ...] = ("merge", "drop", "random_merge", "random_drop", "hybrid")
 HEAD_AGGREGATIONS: tuple[str, ...] = ("mean", "concat")
+ORDERS: tuple[str, ...] = ("paper", "spatial")
 
 
 def aggregate_heads(keys: Tensor, num_heads: int, how: str = "mean") -> Tensor:
-    """Turn projected keys ``[G, N, H*d]`` into a matching metric: ``[G, N, d]`` (mean) or ``[G, N, H*d]``."""
+    """Turn keys into a matching metric: projected ``[G, N, H*d]`` or per head ``[G, H, N, d]`` ->
+    ``[G, N, d]`` (``mean`` over heads) or ``[G, N, H*d]`` (``concat``)."""
+    if keys.dim() == 4:
+        return keys.mean(1) if how == "mean" else keys.transpose(1, 2).flatten(2)
     if how == "concat":
         return keys
     g, n, c = keys.shape
-    return keys.view(g, n, num_heads, c // num_heads).mean(2)
+    return keys.reshape(g, n, num_heads, c // num_heads).mean(2)
 
 
 def max_merge(num_tokens: int) -> int:
@@ -45,31 +69,32 @@ def max_merge(num_tokens: int) -> int:
 class Merge:
     """A matching, ready to apply to any tensor laid out like its metric: ``[G, N, D]`` -> ``[G, N - r, D]``.
 
-    Output order: the protected tokens, the A tokens that stay (in their original order), then the B
-    tokens. ``merge(t)`` sums the A tokens merged into each B token (for sizes and source maps);
-    :meth:`average` gives size-weighted features. ``r == 0`` is the identity.
+    Output order: the ``head`` set-aside tokens (``order="spatial"`` only), the A tokens that stay (in the
+    order of ``unm_idx``), then the B tokens. A is ``x[:, head::2]``, B is ``x[:, head + 1::2]``.
+    ``merge(t)`` sums the A tokens merged into each B token (for sizes and source maps); :meth:`average`
+    gives size-weighted features. ``r == 0`` is the identity.
     """
 
-    protected: int = 0
+    head: int = 0
     r: int = 0
-    unm_idx: Tensor | None = None  # [G, n_a - r] A tokens that stay
+    unm_idx: Tensor | None = None  # [G, n_a - r] A tokens that stay, in output order
     src_idx: Tensor | None = None  # [G, r] A tokens that leave
     dst_idx: Tensor | None = None  # [G, r] their B partners
     keep_b: Tensor | None = None  # [G, n_b] 0 where hybrid drops the B token, else 1 (None: all kept)
     drops: bool = False  # leaving A tokens are discarded instead of merged
 
     def _stay(self, x: Tensor) -> Tensor:
-        """A new tensor ``[protected, staying A, B]``."""
-        p, g, d = self.protected, x.shape[0], x.shape[-1]
-        kept = x[:, p::2].gather(1, self.unm_idx.unsqueeze(-1).expand(g, self.unm_idx.shape[1], d))
-        return torch.cat([x[:, :p], kept, x[:, p + 1 :: 2]], dim=1)
+        """A new tensor ``[head, staying A, B]``."""
+        h, g, d = self.head, x.shape[0], x.shape[-1]
+        kept = x[:, h::2].gather(1, self.unm_idx.unsqueeze(-1).expand(g, self.unm_idx.shape[1], d))
+        return torch.cat([x[:, :h], kept, x[:, h + 1 :: 2]], dim=1)
 
     def _leaving(self, x: Tensor) -> Tensor:
         g, d = x.shape[0], x.shape[-1]
-        return x[:, self.protected :: 2].gather(1, self.src_idx.unsqueeze(-1).expand(g, self.r, d))
+        return x[:, self.head :: 2].gather(1, self.src_idx.unsqueeze(-1).expand(g, self.r, d))
 
     def _b_part(self, out: Tensor) -> Tensor:
-        return out[:, self.protected + self.unm_idx.shape[1] :]
+        return out[:, self.head + self.unm_idx.shape[1] :]
 
     def _dst(self, d: int) -> Tensor:
         return self.dst_idx.unsqueeze(-1).expand(-1, -1, d)
@@ -99,7 +124,7 @@ class Merge:
         out = self._stay(x)
         if self.drops:
             return out, new_size
-        weight_b = size[:, self.protected + 1 :: 2]
+        weight_b = size[:, self.head + 1 :: 2]
         if self.keep_b is not None:
             weight_b = weight_b * self.keep_b.unsqueeze(-1)
         leaving = self._leaving(x) * self._leaving(size)
@@ -111,6 +136,18 @@ class Merge:
             b.copy_(total / self._b_part(new_size))
         return out, new_size
 
+    def repeat(self, times: int) -> Merge:
+        """The same matching for ``times`` consecutive groups each: ``[G]`` indices -> ``[G * times]``."""
+        if self.r == 0 or times == 1:
+            return self
+
+        def rep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat_interleave(times, dim=0)
+
+        return Merge(
+            self.head, self.r, rep(self.unm_idx), rep(self.src_idx), rep(self.dst_idx), rep(self.keep_b), self.drops
+        )
+
 
 def bipartite_match(
     metric: Tensor,
@@ -119,37 +156,51 @@ def bipartite_match(
     protected: int = 0,
     mode: str = "merge",
     threshold: float = 0.0,
+    order: str = "paper",
     generator: torch.Generator | None = None,
 ) -> Merge:
     """Match ``r`` tokens of ``metric`` ``[G, N, C]`` away and return the :class:`Merge` that applies it.
 
-    A and B alternate after the ``protected`` leading tokens, which are never matched. ``r`` must
-    already be capped at ``max_merge(N - protected)``.
+    The first ``protected`` tokens are never removed nor merged into; ``order`` is ``"paper"`` (the
+    published rule, see the module docstring) or ``"spatial"``. ``r`` must already be capped at
+    ``max_merge(N - protected)``. Random modes draw from ``generator`` (the global RNG when None).
     """
     g, n, _ = metric.shape
     p = protected
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+    head = 0 if order == "paper" else p
     if r <= 0:
-        return Merge(protected=p)
+        return Merge(head=head)
     if r > max_merge(n - p):
         raise ValueError(f"r={r} exceeds half of the {n - p} mergeable tokens; cap it with max_merge()")
-    n_a, n_b = (n - p + 1) // 2, (n - p) // 2
+    n_a, n_b = (n - head + 1) // 2, (n - head) // 2
+    # Protected tokens inside the alternation (paper order): A positions 0, 2, .. < p and B positions 1, 3, .. < p.
+    pa, pb = ((p + 1) // 2, p // 2) if head == 0 else (0, 0)
     device = metric.device
     with torch.no_grad():
         if mode.startswith("random"):
             scores = torch.rand(g, n_a, device=device, generator=generator)
-            partner = torch.randint(n_b, (g, n_a), device=device, generator=generator)
+            partner = torch.randint(n_b - pb, (g, n_a), device=device, generator=generator) + pb
         else:
-            unit = F.normalize(metric[:, p:], dim=-1)
-            scores, partner = (unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)).max(dim=-1)
-        order = scores.argsort(dim=-1, descending=True, stable=True)
-        src_idx = order[:, :r]
-        unm_idx = order[:, r:].sort(dim=-1).values
+            unit = F.normalize(metric[:, head:], dim=-1)
+            sim = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)
+            if pb:
+                sim[:, :, :pb] = -math.inf
+            scores, partner = sim.max(dim=-1)
+        if pa:
+            scores[:, :pa] = -math.inf
+        ranked = scores.argsort(dim=-1, descending=True, stable=True)
+        src_idx = ranked[:, :r]
+        unm_idx = ranked[:, r:]
+        if order == "spatial" or p > 0:
+            unm_idx = unm_idx.sort(dim=-1).values
         dst_idx = partner.gather(1, src_idx)
         keep_b = None
         if mode == "hybrid":
             similar = (scores.gather(1, src_idx) >= threshold).float()
             keep_b = similar.new_ones(g, n_b).scatter_reduce(1, dst_idx, similar, reduce="amin")
-    return Merge(p, r, unm_idx, src_idx, dst_idx, keep_b, drops=mode in ("drop", "random_drop"))
+    return Merge(head, r, unm_idx, src_idx, dst_idx, keep_b, drops=mode in ("drop", "random_drop"))
 
 
 def merge_tokens(

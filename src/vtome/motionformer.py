@@ -20,12 +20,15 @@ Inputs are ``pixel_values`` ``[B, T, C, H, W]`` like the Hugging Face models; ou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 PRESETS = {"k400": [400], "ssv2": [174], "epic": [97, 300]}
 
@@ -72,6 +75,9 @@ class MotionformerOutput:
     logits: Tensor  # [B, classes] (heads concatenated)
 
 
+torch.export.register_dataclass(MotionformerOutput, serialized_type_name="vtome.motionformer.MotionformerOutput")
+
+
 class TrajectoryAttention(nn.Module):
     """Trajectory attention over ``[B, 1 + F*P, C]`` tokens; ``bias`` (``[B, 1 + F*P]``, log token sizes)
     adds proportional attention to the class token's and the per-frame spatial softmaxes."""
@@ -89,12 +95,11 @@ class TrajectoryAttention(nn.Module):
         self.proj = nn.Linear(c, c)
 
     def forward(self, x: Tensor, frames: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Returns the output ``[B, N, C]`` and the keys ``[B, N, C]`` (the merging metric)."""
+        """Returns the output ``[B, N, C]`` and the keys ``[B, h, N, d]`` (the merging metric)."""
         b, n, c = x.shape
         h, d = self.num_heads, self.head_dim
         p = (n - 1) // frames
         q, k, v = self.qkv(x).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)  # each [B, h, N, d]
-        keys = k.transpose(1, 2).reshape(b, n, c)
 
         # 1. class token over all tokens
         cls_logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)  # [B, h, 1, N]
@@ -118,7 +123,7 @@ class TrajectoryAttention(nn.Module):
         weights = torch.einsum("bhsd,bhsfd->bhsf", q2, k2).softmax(-1)
         values = points.view(b, frames * p, frames, h, d).permute(0, 3, 1, 2, 4) if self.original_values else v2
         out = torch.einsum("bhsf,bhsfd->bhsd", weights, values).transpose(1, 2).reshape(b, frames * p, c)
-        return self.proj(torch.cat([cls_out, out], dim=1)), keys
+        return self.proj(torch.cat([cls_out, out], dim=1)), k
 
 
 class MotionformerMLP(nn.Module):
@@ -132,8 +137,9 @@ class MotionformerMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class MotionformerLayer(nn.Module):
-    """Pre-LN block: trajectory attention, then the MLP. ``merge(x, keys)`` (if given) runs in between."""
+class MotionformerLayer(GradientCheckpointingLayer):
+    """Pre-LN block: trajectory attention, then the MLP. Checkpointed like a Hugging Face layer once the
+    model's ``gradient_checkpointing_enable()`` is called."""
 
     def __init__(self, config: MotionformerConfig) -> None:
         super().__init__()
@@ -193,11 +199,31 @@ class MotionformerForVideoClassification(nn.Module):
             nn.init.trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias) if m.bias is not None else None
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(layer.gradient_checkpointing for layer in self.layers)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer in the backward pass instead of storing its activations (as in transformers;
+        ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``, default reentrant)."""
+        kwargs = {"use_reentrant": True, **(gradient_checkpointing_kwargs or {})}
+        for layer in self.layers:
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = partial(checkpoint, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        for layer in self.layers:
+            layer.gradient_checkpointing = False
+
     def forward(self, pixel_values: Tensor) -> MotionformerOutput:
         x = self.embeddings(pixel_values)
         frames = self.config.temporal_positions
         for layer in self.layers:
             x = layer(x, frames)
+        return self.head(x)
+
+    def head(self, x: Tensor) -> MotionformerOutput:
+        """Class-token classifier on the last layer's tokens ``[B, N, C]``."""
         x = self.layernorm(x)[:, 0]
         if self.pre_logits is not None:
             x = torch.tanh(self.pre_logits(x))

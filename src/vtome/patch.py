@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from vtome.models import adapter_for, check_attention_backend, restore
-from vtome.state import Layout, MergeSettings, MergeState, RSetting, RunInfo
+from vtome.state import Layout, Merger, MergeSettings, RSetting, RunInfo
 
 
 def patch(
@@ -21,6 +21,8 @@ def patch(
     seed: int | None = None,
     duplicate: dict[int, int] | None = None,
     layers: list[int] | None = None,
+    order: str = "paper",
+    divided: str | None = None,
 ) -> nn.Module:
     """Patch ``model`` in place for token merging and return it.
 
@@ -41,12 +43,23 @@ def patch(
         seed: makes the random modes reproducible (the same choice at every forward).
         duplicate: ``{layer: extra}`` repeats that layer's merge step ``extra`` more times (each on the
             merged keys, removing up to ``r`` more tokens) with no extra attention or MLP compute there.
+        order: ``paper`` (the published A/B split over the whole sequence and order of the tokens that stay,
+            see :mod:`vtome.merge`) or ``spatial`` (alternation after the class token, tokens kept in their
+            original order).
+        divided: divided space-time models only: ``per_frame`` (default; each frame picks its own pairs, as
+            published) or ``aligned`` (one matching per clip from the keys averaged over its frames, so every
+            frame merges the same slots). ``ValueError`` on joint space-time models.
 
     Patching a patched model starts again from these settings. To change one setting in place, assign
     it on :func:`settings` (``vtome.settings(model).r = 100``).
     """
     adapter = adapter_for(model)
     layout = adapter.layout(model)
+    if layout.frames is None and divided is not None:
+        raise ValueError(
+            f"divided={divided!r} applies to divided space-time models (TimeSformer, Motionformer); "
+            f"{type(model).__name__} attends jointly over the clip, so leave divided unset"
+        )
     settings = MergeSettings(
         num_layers=len(adapter.layers(model)),
         r=r,
@@ -59,33 +72,30 @@ def patch(
         seed=seed,
         duplicate=duplicate,
         layers=layers,
+        order=order,
+        divided=(divided or "per_frame") if layout.frames is not None else None,
     )
     if settings.prop_attn:
         check_attention_backend(model.config)
     unpatch(model)
-    state = MergeState(settings, layout, num_heads=model.config.num_attention_heads)
-    state.handles = adapter.apply(model, state)
-    state.attention = adapter.ATTENTION
-    model._vtome = state
+    merger = Merger(settings, layout, model.config.num_attention_heads, adapter.ATTENTION)
+    adapter.apply(model, merger)
+    model._vtome = merger
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore ``model``'s original classes and remove vtome's hooks (no-op if it is not patched)."""
+    """Restore ``model``'s original classes (no-op if it is not patched)."""
     for module in model.modules():
-        state = module.__dict__.get("_vtome")
-        if state is not None:
-            for handle in getattr(state, "handles", []):
-                handle.remove()
         restore(module)
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    return isinstance(model.__dict__.get("_vtome"), MergeState)
+    return isinstance(model.__dict__.get("_vtome"), Merger)
 
 
-def _state(model: nn.Module) -> MergeState:
+def _state(model: nn.Module) -> Merger:
     if not is_patched(model):
         raise ValueError(f"this {type(model).__name__} is not patched; call vtome.patch(model, r=...) first")
     return model._vtome

@@ -1,17 +1,39 @@
-"""Merge settings (validated), token layouts, and the per-forward state shared by a patched model's layers."""
+"""Merge settings (validated), token layouts, the merge step, and the record of the last forward.
+
+Who owns what, and what travels where:
+
+- A patched model owns one :class:`Merger` (``model._vtome``; its patched submodules point at the same
+  object): the settings, the token layout, the head count and ``run``, the record of the last forward.
+  Nothing about a forward in progress is stored on it, and it holds no closures, so ``copy.deepcopy`` and
+  pickling give an independent patched model.
+- A forward carries its merge state as values. The patched encoder loop (:func:`encode`) starts with
+  ``size=None`` (every token stands for one patch) and, with ``trace_source``, an identity ``source``; it
+  passes ``(hidden_states, size, source)`` to each layer as arguments and gets the same three back. Inside a
+  layer, the attention takes ``Merger.bias(size)`` (proportional attention) and returns its keys with its
+  output; the layer hands them to ``Merger.merge(layer, x, size, source, metric)``, a pure function of its
+  arguments. A recomputed layer (gradient checkpointing) therefore sees exactly the inputs of its first run.
+- What a model needs after the encoder (VideoMAE's size-weighted mean pooling) comes back from the encoder
+  as a return value.
+- The one write of a forward: at the end of the loop, :func:`encode` replaces ``Merger.run`` with a new
+  :class:`RunInfo` (token counts; sizes and sources detached, so no activation outlives the forward).
+- Random modes with a seed draw from a generator seeded by (seed, layer, step): a recompute draws the same.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 from torch.profiler import record_function
 
 from vtome.merge import (
     HEAD_AGGREGATIONS,
     MODES,
+    ORDERS,
     aggregate_heads,
     attention_bias,
     bipartite_match,
@@ -29,6 +51,7 @@ class CapWarning(UserWarning):
 
 
 RSetting = int | tuple[int, float] | list[int]
+DIVIDED: tuple[str, ...] = ("per_frame", "aligned")
 
 
 def _check_r(r: object, num_layers: int) -> RSetting:
@@ -75,6 +98,8 @@ class MergeSettings:
     seed: int | None = None
     duplicate: dict[int, int] = field(default_factory=dict)
     layers: list[int] | None = None
+    order: str = "paper"
+    divided: str | None = None  # divided space-time models only: "per_frame" or "aligned"
 
     def __setattr__(self, name: str, value: object) -> None:
         value = self._validate(name, value)
@@ -85,6 +110,23 @@ class MergeSettings:
             return _check_r(value, self.num_layers)
         if name == "mode" and value not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {value!r}")
+        if name == "order" and value not in ORDERS:
+            raise ValueError(
+                f"order must be 'paper' (the published A/B split and token order) or 'spatial' (tokens kept in "
+                f"their original order); got {value!r}"
+            )
+        if name == "divided":
+            joint = "divided" in self.__dict__ and self.__dict__["divided"] is None
+            if joint and value is not None:
+                raise ValueError(
+                    "divided applies to divided space-time models (TimeSformer, Motionformer) only; "
+                    "this model attends jointly over the clip"
+                )
+            if not joint and "divided" in self.__dict__ and value not in DIVIDED or value not in (None, *DIVIDED):
+                raise ValueError(
+                    "divided must be 'per_frame' (each frame picks its own pairs, as published) or 'aligned' "
+                    f"(one matching per clip, shared by all its frames); got {value!r}"
+                )
         if name == "head_aggregation" and value not in HEAD_AGGREGATIONS:
             raise ValueError(f"head_aggregation must be one of {', '.join(HEAD_AGGREGATIONS)}; got {value!r}")
         if name == "threshold":
@@ -183,78 +225,95 @@ class RunInfo:
     source: Tensor | None = None
 
 
-class MergeState:
-    """Shared by the layers of one patched model: settings, plus what the current forward has merged."""
+class Merger:
+    """The merge step of one patched model: settings, layout and the last forward's record (see the module
+    docstring). Every method but :meth:`record` is a function of its arguments and the settings."""
 
-    def __init__(self, settings: MergeSettings, layout: Layout, num_heads: int) -> None:
+    def __init__(self, settings: MergeSettings, layout: Layout, num_heads: int, attention: str) -> None:
         self.settings = settings
         self.layout = layout
         self.num_heads = num_heads
+        self.attention = attention  # "joint", "divided" or "trajectory": which FLOP model applies
         self.run = RunInfo()
-        self.metric: Tensor | None = None
-        self.last_hidden: Tensor | None = None
-        self._schedule: list[int] = []
-        self._bias: Tensor | None = None
-        self._generator: torch.Generator | None = None
-        self._warned: set[int] = set()
-
-    # -- forward lifecycle -------------------------------------------------------------------------
-    def begin(self) -> None:
-        """Start a forward pass: forget the last one and resolve this one's schedule."""
-        self.run = RunInfo()
-        self.metric = None
-        self.last_hidden = None
-        self._bias = None
-        self._generator = None
-        self._schedule = self.settings.schedule()
+        self._warned: set[int] = set()  # layers already warned about capping (warn once each)
 
     def r_at(self, layer: int) -> int:
         """Requested (uncapped) ``r`` for ``layer``."""
-        return self._schedule[layer] if layer < len(self._schedule) else 0
+        schedule = self.settings.schedule()
+        return schedule[layer] if layer < len(schedule) else 0
 
-    def capture_keys(self, layer: int, keys: Tensor) -> None:
-        """Record the metric of ``layer`` from its projected keys ``[G, N, H*d]``, if that layer merges."""
-        if self.r_at(layer) > 0:
-            with record_function(PROFILE_RANGE):
-                self.metric = aggregate_heads(keys.detach(), self.num_heads, self.settings.head_aggregation)
+    def merges(self) -> bool:
+        """Whether any layer will merge."""
+        return any(self.settings.schedule())
 
-    def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
-        """Proportional-attention mask ``[B, 1, 1, N]`` for the current tokens, or None when not needed."""
-        if not self.settings.prop_attn or self.run.size is None:
+    def metric(self, layer: int, keys: Tensor) -> Tensor | None:
+        """The matching metric ``[B', N, d]`` from keys (projected ``[B', N, H*d]`` or per head
+        ``[B', H, N, d]``), or None if ``layer`` keeps every token."""
+        if self.r_at(layer) <= 0:
             return None
-        if self._bias is None or self._bias.dtype != dtype:
-            self._bias = attention_bias(self.run.size, dtype)
-        return self._bias
+        with record_function(PROFILE_RANGE):
+            return aggregate_heads(keys.detach(), self.num_heads, self.settings.head_aggregation)
+
+    def bias(self, size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """Proportional-attention mask ``[B, 1, 1, N]`` (``log(size)``), or None when not needed."""
+        if not self.settings.prop_attn or size is None:
+            return None
+        return attention_bias(size, dtype)
+
+    def start(self, x: Tensor) -> tuple[None, Tensor | None]:
+        """Sizes and source map entering the first layer for tokens ``x`` ``[B, N0, C]``: ``(None, source)``,
+        ``source`` the identity ``[B, N0, N0]`` with ``trace_source`` (else None)."""
+        if not self.settings.trace_source:
+            return None, None
+        return None, torch.eye(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1, -1)
+
+    def record(
+        self, input_tokens: int, tokens_per_layer: list[int], size: Tensor | None, source: Tensor | None
+    ) -> None:
+        """Replace :attr:`run` with the record of the forward that just ended (tensors detached)."""
+        if torch.compiler.is_exporting():
+            size = source = None  # traced values, not results
+        self.run = RunInfo(
+            input_tokens,
+            tokens_per_layer,
+            None if size is None else size.detach(),
+            None if source is None else source.detach(),
+        )
 
     # -- the merge step ----------------------------------------------------------------------------
-    def merge(self, layer: int, x: Tensor, metric: Tensor | None = None) -> Tensor:
-        """Merge ``x`` ``[B, N, C]`` after ``layer``'s attention; returns ``[B, N', C]``.
+    def merge(
+        self,
+        layer: int,
+        x: Tensor,
+        size: Tensor | None,
+        source: Tensor | None,
+        metric: Tensor | None,
+        grouped: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Merge after ``layer``'s attention: tokens ``x`` ``[B, N, C]``, sizes ``[B, N, 1]`` (None: all ones)
+        and source map ``[B, N, N0]`` (or None) -> the same three with ``N'`` tokens.
 
-        ``metric`` is in group layout ``[G, n, c]``; by default the one captured from the keys, split
-        with the layout.
+        ``metric`` is :meth:`metric`'s output in model token order ``[B, N, d]``, or with ``grouped`` already
+        in group layout ``[G, n, d]`` (a divided model's per-frame keys); None (or ``r == 0``) keeps every token.
         """
-        if layer == 0:
-            self.run.input_tokens = x.shape[1]
         r = self.r_at(layer)
-        if r > 0:
-            with record_function(PROFILE_RANGE):
-                x = self._merge(layer, x, r, metric)
-        self.run.tokens_per_layer.append(x.shape[1])
-        return x
+        if r <= 0 or metric is None:
+            return x, size, source
+        with record_function(PROFILE_RANGE):
+            if not grouped:
+                metric = self.layout.split(metric)[1]
+            return self._merge(layer, x, size, source, metric, r)
 
-    def _merge(self, layer: int, x: Tensor, r: int, metric: Tensor | None) -> Tensor:
+    def _merge(
+        self, layer: int, x: Tensor, size: Tensor | None, source: Tensor | None, metric: Tensor, r: int
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         layout, s = self.layout, self.settings
-        if metric is None:
-            if self.metric is None:
-                raise RuntimeError(f"vtome: no attention keys were captured for layer {layer}")
-            metric = layout.split(self.metric)[1]
-        self.metric = None
+        frames = layout.frames if layout.frames is not None and s.divided == "aligned" else 1
+        if frames > 1:  # one matching per clip, on the keys averaged over its frames
+            metric = metric.unflatten(0, (-1, frames)).mean(1)
         p = layout.group_protected
-        source = self.run.source
-        if s.trace_source and source is None:
-            source = torch.eye(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1, -1)
         x_head, x_body = layout.split(x)
-        s_head, s_body = layout.split(self.run.size) if self.run.size is not None else (None, None)
+        s_head, s_body = layout.split(size) if size is not None else (None, None)
         src_head, src_body = layout.split(source) if source is not None else (None, None)
         steps = 1 + s.duplicate.get(layer, 0)
         for step in range(steps):
@@ -262,21 +321,25 @@ class MergeState:
             r_step = self._cap(layer, r, n) if step == 0 else min(r, max_merge(n))
             if r_step == 0:
                 break
-            merge = bipartite_match(
-                metric, r_step, protected=p, mode=s.mode, threshold=s.threshold, generator=self._rng(x)
+            match = bipartite_match(
+                metric,
+                r_step,
+                protected=p,
+                mode=s.mode,
+                threshold=s.threshold,
+                order=s.order,
+                generator=self._rng(x, layer, step),
             )
             if step + 1 < steps:  # a repeated step matches on the merged keys
-                metric = merge.average(metric, s_body)[0]
-            x_body, s_body, src_body = merge_tokens(merge, x_body, s_body, src_body)
+                match_size = None if s_body is None else s_body.unflatten(0, (-1, frames)).mean(1)
+                metric = match.average(metric, match_size)[0]
+            x_body, s_body, src_body = merge_tokens(match.repeat(frames), x_body, s_body, src_body)
         if s_body is None:
-            return x
+            return x, size, source
         if s_head is None:  # first merge: the set-aside tokens have size 1
             s_head = s_body.new_ones(x_head.shape[0], x_head.shape[1], 1)
-        self.run.size = layout.join(s_head, s_body)
-        if source is not None:
-            self.run.source = layout.join(src_head, src_body)
-        self._bias = None
-        return layout.join(x_head, x_body)
+        source = None if src_body is None else layout.join(src_head, src_body)
+        return layout.join(x_head, x_body), layout.join(s_head, s_body), source
 
     def _cap(self, layer: int, r: int, n: int) -> int:
         """``r`` capped at half of ``n`` mergeable tokens, warning once per layer when it is."""
@@ -288,18 +351,55 @@ class MergeState:
                 f"vtome: layer {layer} asked to merge r={r}{unit} but has {n} mergeable tokens{unit}; "
                 f"capped at {cap} (half of them)",
                 CapWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return min(r, cap)
 
-    def _rng(self, x: Tensor) -> torch.Generator | None:
+    def _rng(self, x: Tensor, layer: int, step: int) -> torch.Generator | None:
+        """A generator seeded by (seed, layer, step) for the random modes; None (global RNG) without a seed."""
         seed = self.settings.seed
         if seed is None or not self.settings.mode.startswith("random"):
             return None
-        if self._generator is None:
-            self._generator = torch.Generator(device=x.device)
-            self._generator.manual_seed(seed)
-        return self._generator
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(seed * 1_000_003 + layer * 1_009 + step)
+        return generator
+
+
+def encode(
+    merger: Merger,
+    layers: Iterable[nn.Module],
+    hidden_states: Tensor,
+    *args: object,
+    each: Callable[[Tensor, tuple], None] | None = None,
+    **kwargs: object,
+) -> tuple[Tensor, Tensor | None]:
+    """The patched encoder loop: run ``layers`` on ``hidden_states`` ``[B, N0, C]``, carrying sizes and sources.
+
+    Each layer is called as ``layer(hidden_states, size, source, *args, **kwargs)`` and returns
+    ``(hidden_states, size, source, *extra)``; ``each(layer_input, layer_output)`` sees every call (for
+    collecting hidden states or attentions). Records the run on ``merger``; returns the last hidden states
+    ``[B, N, C]`` and their sizes ``[B, N, 1]`` (None if nothing was merged).
+    """
+    size, source = merger.start(hidden_states)
+    input_tokens, counts = hidden_states.shape[1], []
+    for layer in layers:
+        out = layer(hidden_states, size, source, *args, **kwargs)
+        if each is not None:
+            each(hidden_states, out)
+        hidden_states, size, source = out[0], out[1], out[2]
+        # Sizes and sources are counts, not differentiable values (reentrant checkpointing marks them).
+        size = None if size is None else size.detach()
+        source = None if source is None else source.detach()
+        counts.append(hidden_states.shape[1])
+    merger.record(input_tokens, counts, size, source)
+    return hidden_states, size
+
+
+def pool_mean(tokens: Tensor, size: Tensor | None) -> Tensor:
+    """Mean of ``tokens`` ``[B, N, C]`` over tokens, weighted by ``size`` ``[B, N, 1]`` (plain mean if None)."""
+    if size is None:
+        return tokens.mean(1)
+    return ((tokens.float() * size).sum(1) / size.sum(1)).to(tokens.dtype)
 
 
 def check_frames(pixel_values: Tensor, num_frames: int, num_channels: int, family: str) -> None:

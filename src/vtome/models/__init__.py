@@ -6,8 +6,12 @@ Each adapter module defines:
   ``"trajectory"``: which FLOP model applies);
 - ``layers(model) -> nn.ModuleList`` and ``base(model) -> nn.Module`` (the module that takes ``pixel_values``);
 - ``layout(model) -> Layout``;
-- ``apply(model, state) -> list[RemovableHandle]``: swap in the patched classes and install hooks;
+- ``apply(model, merger)``: swap in the patched classes (no hooks: the patched forwards carry the merge
+  state as arguments and return values, see :mod:`vtome.state`);
 - ``token_positions(model)``: where each input token sits in the video (for drawing merges).
+
+Patched classes are subclasses of the stock ones, defined at module level (so a patched model pickles);
+:func:`restore` gives every module its class back.
 """
 
 from __future__ import annotations
@@ -18,9 +22,8 @@ from types import ModuleType
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 
-from vtome.state import MergeState, check_frames
+from vtome.state import Merger, check_frames
 
 # Patched by class name (as tomesd does), so no model library is imported before it is needed.
 REGISTRY: dict[str, str] = {
@@ -43,12 +46,13 @@ def adapter_for(model: nn.Module) -> ModuleType:
     return importlib.import_module(f"vtome.models.{REGISTRY[name]}")
 
 
-def swap_class(module: nn.Module, patched: type[nn.Module], state: MergeState, layer: int) -> None:
-    """Give ``module`` the patched subclass of its class; :func:`restore` undoes it."""
+def swap_class(module: nn.Module, patched: type[nn.Module], merger: Merger, layer: int | None = None) -> None:
+    """Give ``module`` the patched subclass of its class, pointing at ``merger``; :func:`restore` undoes it."""
     module._vtome_original_class = type(module)
     module.__class__ = patched
-    module._vtome = state
-    module._vtome_layer = layer
+    module._vtome = merger
+    if layer is not None:
+        module._vtome_layer = layer
 
 
 def restore(module: nn.Module) -> None:
@@ -60,28 +64,23 @@ def restore(module: nn.Module) -> None:
     module.__dict__.pop("_vtome_layer", None)
 
 
-def capture_keys(linear: nn.Module, state: MergeState, layer: int, part: slice | None = None) -> RemovableHandle:
-    """Hook ``linear`` (the key projection, or a fused qkv with ``part`` selecting the keys) to feed the metric."""
+def keeps_output_capture(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator for a patched subclass of a Hugging Face model: its ``output_hidden_states`` and
+    ``output_attentions`` work as the stock class's (transformers looks them up by class name)."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # an older transformers: nothing to register
+        return cls
+    dict.__setitem__(_CAN_RECORD_REGISTRY, str(cls), getattr(cls, "_can_record_outputs", None) or {})
+    return cls
 
-    def hook(_module: nn.Module, _args: tuple, out: Tensor) -> None:
-        state.capture_keys(layer, out if part is None else out[..., part])
 
-    return linear.register_forward_hook(hook)
-
-
-def begin_on_forward(base: nn.Module, state: MergeState, family: str) -> RemovableHandle:
-    """Reset ``state`` at each forward of ``base`` and check the clip's shape against its config."""
-    config = base.config
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        pixel_values = args[0] if args else kwargs.get("pixel_values")
-        if pixel_values is not None:
-            check_frames(pixel_values, config.num_frames, config.num_channels, family)
-        if state.settings.prop_attn:
-            check_attention_backend(config)
-        state.begin()
-
-    return base.register_forward_pre_hook(hook, with_kwargs=True)
+def check_input(merger: Merger, config: object, pixel_values: Tensor | None, family: str) -> None:
+    """Checks before a patched forward: the clip's shape against the config, and the attention backend."""
+    if pixel_values is not None:
+        check_frames(pixel_values, config.num_frames, config.num_channels, family)
+    if merger.settings.prop_attn:
+        check_attention_backend(config)
 
 
 def check_attention_backend(config: object) -> None:

@@ -13,11 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 
 from vtome import motionformer as mf
-from vtome.models import begin_on_forward, grid_positions, swap_class
-from vtome.state import Layout, MergeState
+from vtome.models import check_input, grid_positions, swap_class
+from vtome.state import Layout, Merger, encode
 
 FAMILY = "Motionformer"
 ATTENTION = "trajectory"
@@ -25,19 +24,30 @@ DEFAULT_PROP_ATTN = True
 
 
 class MotionformerLayer(mf.MotionformerLayer):
-    """The stock block with proportional attention and the per-frame merge before the MLP."""
+    """The stock block taking and returning ``(x, size, source)``, merging per frame before the MLP."""
 
-    def forward(self, x: Tensor, frames: int) -> Tensor:
-        state: MergeState = self._vtome
-        size = state.run.size if state.settings.prop_attn else None
-        bias = None if size is None else size[..., 0].log().to(x.dtype)
+    def forward(
+        self, x: Tensor, size: Tensor | None, source: Tensor | None, frames: int
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        merger: Merger = self._vtome
+        i = self._vtome_layer
+        bias = None if size is None or not merger.settings.prop_attn else size[..., 0].log().to(x.dtype)
         out, keys = self.attention(self.layernorm_before(x), frames, bias)
-        x = x + out
-        state.capture_keys(self._vtome_layer, keys)
-        x = state.merge(self._vtome_layer, x)
-        x = x + self.mlp(self.layernorm_after(x))
-        state.last_hidden = x
-        return x
+        x, size, source = merger.merge(i, x + out, size, source, merger.metric(i, keys))
+        return x + self.mlp(self.layernorm_after(x)), size, source
+
+
+class MotionformerForVideoClassification(mf.MotionformerForVideoClassification):
+    """The stock model running the patched layers with sizes and sources."""
+
+    def forward(self, pixel_values: Tensor) -> mf.MotionformerOutput:
+        merger: Merger | None = self.__dict__.get("_vtome")
+        if merger is None:  # built from this class, not patched: stock
+            return super().forward(pixel_values)
+        check_input(merger, self.config, pixel_values, FAMILY)
+        x = self.embeddings(pixel_values)
+        x, _ = encode(merger, self.layers, x, self.config.temporal_positions)
+        return self.head(x)
 
 
 def base(model: nn.Module) -> nn.Module:
@@ -52,10 +62,10 @@ def layout(model: nn.Module) -> Layout:
     return Layout(protected=1, frames=model.config.temporal_positions, time_minor=False)
 
 
-def apply(model: nn.Module, state: MergeState) -> list[RemovableHandle]:
+def apply(model: nn.Module, merger: Merger) -> None:
+    swap_class(model, MotionformerForVideoClassification, merger)
     for i, layer in enumerate(layers(model)):
-        swap_class(layer, MotionformerLayer, state, i)
-    return [begin_on_forward(model, state, FAMILY)]
+        swap_class(layer, MotionformerLayer, merger, i)
 
 
 def token_positions(model: nn.Module) -> tuple[Tensor, int, int]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.timesformer import modeling_timesformer as hf
 
 from vtome.merge import attention_bias
-from vtome.models import begin_on_forward, capture_keys, grid_positions, swap_class
-from vtome.state import Layout, MergeState
+from vtome.models import check_input, grid_positions, keeps_output_capture, swap_class
+from vtome.state import Layout, Merger, encode
 
 FAMILY = "TimeSformer"
 ATTENTION = "divided"
@@ -25,13 +25,12 @@ DEFAULT_PROP_ATTN = True
 
 
 class TimesformerSelfAttention(hf.TimesformerSelfAttention):
-    """Stock attention with an optional additive ``bias`` ``[G, 1, 1, N]`` on the logits."""
+    """Stock attention with an optional additive ``bias`` ``[G, 1, 1, N]`` on the logits; returns
+    ``(context, probs or None, keys [G, H, N, d])`` (the keys are the merging metric)."""
 
     def forward(
         self, hidden_states: Tensor, output_attentions: bool = False, bias: Tensor | None = None
-    ) -> tuple[Tensor, ...]:
-        if bias is None:
-            return super().forward(hidden_states, output_attentions)
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
         batch, tokens, channels = hidden_states.shape
         qkv = (
             self.qkv(hidden_states)
@@ -39,32 +38,43 @@ class TimesformerSelfAttention(hf.TimesformerSelfAttention):
             .permute(2, 0, 3, 1, 4)
         )
         query, key, value = qkv[0], qkv[1], qkv[2]
-        probs = ((query @ key.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1)
+        logits = (query @ key.transpose(-2, -1)) * self.scale
+        probs = (logits if bias is None else logits + bias).softmax(dim=-1)
         probs = self.attn_drop(probs)
         context = (probs @ value).transpose(1, 2).reshape(batch, tokens, channels)
-        return (context, probs) if output_attentions else (context,)
+        return context, probs if output_attentions else None, key
 
 
-def _attend(block: nn.Module, x: Tensor, bias: Tensor | None, output_attentions: bool) -> tuple[Tensor, ...]:
-    """``TimeSformerAttention.forward`` with a bias passed to its self-attention."""
-    outputs = block.attention(x, output_attentions, bias)
-    return (block.output(outputs[0]),) + outputs[1:]
+def _attend(
+    block: nn.Module, x: Tensor, bias: Tensor | None, output_attentions: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``TimeSformerAttention.forward`` with a bias passed to its self-attention; also returns the keys."""
+    context, probs, keys = block.attention(x, output_attentions, bias)
+    return block.output(context), probs, keys
 
 
 class TimesformerLayer(hf.TimesformerLayer):
-    """Divided space-time block for any number of tokens per frame, merging per frame before the MLP."""
+    """Divided space-time block for any number of tokens per frame, taking and returning
+    ``(hidden_states, size, source)`` (then the attention probabilities if asked), merging per frame before
+    the MLP."""
 
-    def forward(self, hidden_states: Tensor, output_attentions: bool = False) -> tuple[Tensor, ...]:
-        state: MergeState = self._vtome
+    def forward(
+        self,
+        hidden_states: Tensor,
+        size: Tensor | None = None,
+        source: Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, ...]:
+        merger: Merger = self._vtome
         frames = self.config.num_frames
         batch, num_tokens, channels = hidden_states.shape
         slots = (num_tokens - 1) // frames
-        size = state.run.size if state.settings.prop_attn else None
+        prop = size if merger.settings.prop_attn else None
 
         # Temporal attention over the frames of each slot: [B*slots, T, C].
         patches = hidden_states[:, 1:, :]
         temporal = patches.reshape(batch * slots, frames, channels)
-        bias = None if size is None else attention_bias(size[:, 1:, 0].reshape(batch * slots, frames), temporal.dtype)
+        bias = None if prop is None else attention_bias(prop[:, 1:, 0].reshape(batch * slots, frames), temporal.dtype)
         temporal_out = _attend(self.temporal_attention, self.temporal_layernorm(temporal), bias, False)[0]
         residual_temporal = self.drop_path(temporal_out).reshape(batch, slots * frames, channels)
         residual_temporal = self.temporal_dense(residual_temporal)
@@ -76,26 +86,62 @@ class TimesformerLayer(hf.TimesformerLayer):
         spatial = temporal_embedding.reshape(batch, slots, frames, channels).permute(0, 2, 1, 3)
         spatial = torch.cat((cls_token, spatial.reshape(batch * frames, slots, channels)), 1)
         bias = None
-        if size is not None:
-            frame_size = state.layout.split(size)[1].squeeze(-1)
+        if prop is not None:
+            frame_size = merger.layout.split(prop)[1].squeeze(-1)
             frame_size = torch.cat((frame_size.new_ones(batch * frames, 1), frame_size), 1)
             bias = attention_bias(frame_size, spatial.dtype)
-        spatial_outputs = _attend(self.attention, self.layernorm_before(spatial), bias, output_attentions)
-        residual_spatial = self.drop_path(spatial_outputs[0])
+        spatial_out, probs, keys = _attend(self.attention, self.layernorm_before(spatial), bias, output_attentions)
+        residual_spatial = self.drop_path(spatial_out)
         cls_token = torch.mean(residual_spatial[:, 0, :].reshape(batch, frames, channels), 1, True)
         residual_spatial = residual_spatial[:, 1:, :].reshape(batch, frames, slots, channels).permute(0, 2, 1, 3)
         residual_spatial = residual_spatial.reshape(batch, slots * frames, channels)
         hidden_states = torch.cat((init_cls_token, temporal_embedding), 1) + torch.cat((cls_token, residual_spatial), 1)
 
-        # Merge inside each frame on the spatial keys (class token left out), then the MLP.
-        metric = state.metric[:, 1:] if state.metric is not None else None
-        hidden_states = state.merge(self._vtome_layer, hidden_states, metric)
+        # Merge inside each frame on the spatial keys (class token left out: [B*T, heads, slots, d]), then the MLP.
+        i = self._vtome_layer
+        metric = merger.metric(i, keys[:, :, 1:])
+        hidden_states, size, source = merger.merge(i, hidden_states, size, source, metric, grouped=True)
         layer_output = self.layernorm_after(hidden_states)
         layer_output = self.intermediate(layer_output)
         layer_output = self.output(layer_output)
         layer_output = hidden_states + self.drop_path(layer_output)
-        state.last_hidden = layer_output
-        return (layer_output,) + spatial_outputs[1:]
+        return (layer_output, size, source) + ((probs,) if output_attentions else ())
+
+
+class TimesformerEncoder(hf.TimesformerEncoder):
+    """The stock layer loop, carrying sizes and sources."""
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> tuple | BaseModelOutput:
+        all_hidden_states: list[Tensor] = []
+        all_attentions: list[Tensor] = []
+
+        def collect(layer_input: Tensor, layer_output: tuple) -> None:
+            all_hidden_states.append(layer_input)
+            if output_attentions:
+                all_attentions.append(layer_output[3])
+
+        hidden_states, _ = encode(self._vtome, self.layer, hidden_states, output_attentions, each=collect)
+        hidden = (*all_hidden_states, hidden_states) if output_hidden_states else None
+        attentions = tuple(all_attentions) if output_attentions else None
+        if not return_dict:
+            return tuple(v for v in (hidden_states, hidden, attentions) if v is not None)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=hidden, attentions=attentions)
+
+
+@keeps_output_capture
+class TimesformerModel(hf.TimesformerModel):
+    """Stock forward with input checks."""
+
+    def forward(self, pixel_values: Tensor, *args: object, **kwargs: object) -> tuple | BaseModelOutput:
+        if "_vtome" in self.__dict__:  # else built from this class by from_pretrained, not patched: stock
+            check_input(self._vtome, self.config, pixel_values, FAMILY)
+        return super().forward(pixel_values, *args, **kwargs)
 
 
 def base(model: nn.Module) -> nn.Module:
@@ -116,16 +162,13 @@ def layout(model: nn.Module) -> Layout:
     return Layout(protected=1, frames=config.num_frames, time_minor=True)
 
 
-def apply(model: nn.Module, state: MergeState) -> list[RemovableHandle]:
-    handles = [begin_on_forward(base(model), state, FAMILY)]
-    hidden = model.config.hidden_size
+def apply(model: nn.Module, merger: Merger) -> None:
+    swap_class(base(model), TimesformerModel, merger)
+    swap_class(base(model).encoder, TimesformerEncoder, merger)
     for i, layer in enumerate(layers(model)):
-        swap_class(layer, TimesformerLayer, state, i)
+        swap_class(layer, TimesformerLayer, merger, i)
         for block in (layer.attention, layer.temporal_attention):
-            swap_class(block.attention, TimesformerSelfAttention, state, i)
-        # The spatial attention's keys are the metric: the middle third of the fused qkv projection.
-        handles.append(capture_keys(layer.attention.attention.qkv, state, i, slice(hidden, 2 * hidden)))
-    return handles
+            swap_class(block.attention, TimesformerSelfAttention, merger, i)
 
 
 def token_positions(model: nn.Module) -> tuple[Tensor, int, int]:

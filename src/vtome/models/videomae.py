@@ -1,35 +1,47 @@
 """VideoMAE (Tong et al. 2022): joint space-time attention, spatio-temporal merging over the whole clip.
 
 No class token; the classifier mean-pools, and once tokens are merged that mean must be weighted by
-token size (the original merging code takes a plain mean, which over-weights merged regions).
+token size (the original merging code takes a plain mean, which over-weights merged regions): the
+patched encoder returns the sizes with the tokens, and the patched classifier pools with them.
 Proportional attention is off by default, as in the paper's VideoMAE configurations.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
+from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.videomae import modeling_videomae as hf
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
-from vtome.models import begin_on_forward, capture_keys, grid_positions, swap_class
-from vtome.state import Layout, MergeState
+from vtome.models import check_input, grid_positions, keeps_output_capture, swap_class
+from vtome.state import Layout, Merger, encode, pool_mean
 
 FAMILY = "VideoMAE"
 ATTENTION = "joint"
 DEFAULT_PROP_ATTN = False
 
 
-class VideoMAESelfAttention(hf.VideoMAESelfAttention):
-    """Stock attention, plus ``log(size)`` on the logits once tokens have been merged."""
+@dataclass
+class MergedOutput(BaseModelOutput):
+    """``BaseModelOutput`` plus ``token_size`` ``[B, N, 1]``: input patches each output token stands for
+    (None when nothing was merged)."""
 
-    def forward(self, hidden_states: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        bias = self._vtome.attn_bias(hidden_states.dtype)
-        if bias is None:
-            return super().forward(hidden_states)
+    token_size: Tensor | None = None
+
+
+class VideoMAESelfAttention(hf.VideoMAESelfAttention):
+    """Stock attention with an optional additive ``bias`` ``[B, 1, 1, N]`` on the logits; also returns the
+    projected keys ``[B, N, H*d]`` (the merging metric)."""
+
+    def forward(self, hidden_states: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
         hidden_shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
-        keys = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
+        projected_keys = self.key(hidden_states)
+        keys = projected_keys.view(hidden_shape).transpose(1, 2)
         values = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
         queries = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
@@ -43,20 +55,68 @@ class VideoMAESelfAttention(hf.VideoMAESelfAttention):
             scaling=self.scaling,
             dropout=0.0 if not self.training else self.dropout_prob,
         )
-        return context.reshape(*context.shape[:-2], self.all_head_size), probs
+        return context.reshape(*context.shape[:-2], self.all_head_size), probs, projected_keys
 
 
 class VideoMAELayer(hf.VideoMAELayer):
-    """Stock pre-LN block with the merge between the attention residual and the MLP."""
+    """Stock pre-LN block taking and returning ``(hidden_states, size, source)``, merging between the
+    attention residual and the MLP."""
 
-    def forward(self, hidden_states: Tensor, **kwargs: object) -> Tensor:
-        state: MergeState = self._vtome
-        attention_output = self.attention(self.layernorm_before(hidden_states), **kwargs)
-        hidden_states = attention_output + hidden_states
-        hidden_states = state.merge(self._vtome_layer, hidden_states)
+    def forward(
+        self, hidden_states: Tensor, size: Tensor | None = None, source: Tensor | None = None, **kwargs: object
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        merger: Merger = self._vtome
+        i = self._vtome_layer
+        normed = self.layernorm_before(hidden_states)
+        context, _, keys = self.attention.attention(normed, merger.bias(size, hidden_states.dtype))
+        hidden_states = self.attention.output(context, normed) + hidden_states
+        hidden_states, size, source = merger.merge(i, hidden_states, size, source, merger.metric(i, keys))
         layer_output = self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states)
-        state.last_hidden = layer_output
-        return layer_output
+        return layer_output, size, source
+
+
+class VideoMAEEncoder(hf.VideoMAEEncoder):
+    """The layer loop, carrying sizes and sources; returns them in a :class:`MergedOutput`."""
+
+    def forward(self, hidden_states: Tensor, **kwargs: object) -> MergedOutput:
+        hidden_states, size = encode(self._vtome, self.layer, hidden_states, **kwargs)
+        return MergedOutput(last_hidden_state=hidden_states, token_size=size)
+
+
+@keeps_output_capture
+class VideoMAEModel(hf.VideoMAEModel):
+    """Stock forward with input checks; the output also carries ``token_size``."""
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None, **kwargs: object) -> MergedOutput:
+        if "_vtome" in self.__dict__:  # else built from this class by from_pretrained, not patched: stock
+            check_input(self._vtome, self.config, pixel_values, FAMILY)
+        encoded = self.encoder(self.embeddings(pixel_values, bool_masked_pos))
+        tokens = encoded.last_hidden_state
+        if self.layernorm is not None:
+            tokens = self.layernorm(tokens)
+        return MergedOutput(last_hidden_state=tokens, token_size=getattr(encoded, "token_size", None))
+
+
+class VideoMAEForVideoClassification(hf.VideoMAEForVideoClassification):
+    """Stock classifier whose mean pooling is weighted by token size once tokens are merged."""
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: Tensor | None = None, labels: Tensor | None = None, **kwargs: object
+    ) -> ImageClassifierOutput:
+        outputs = self.videomae(pixel_values, **kwargs)
+        tokens = outputs.last_hidden_state
+        if self.fc_norm is not None:
+            pooled = self.fc_norm(pool_mean(tokens, getattr(outputs, "token_size", None)))
+        else:
+            pooled = tokens[:, 0]
+        logits = self.classifier(pooled)
+        loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 def base(model: nn.Module) -> nn.Module:
@@ -73,29 +133,14 @@ def layout(model: nn.Module) -> Layout:
     return Layout(protected=1 if reads_first else 0)
 
 
-def apply(model: nn.Module, state: MergeState) -> list[RemovableHandle]:
-    handles = [begin_on_forward(base(model), state, FAMILY)]
+def apply(model: nn.Module, merger: Merger) -> None:
+    if isinstance(model, hf.VideoMAEForVideoClassification):
+        swap_class(model, VideoMAEForVideoClassification, merger)
+    swap_class(base(model), VideoMAEModel, merger)
+    swap_class(base(model).encoder, VideoMAEEncoder, merger)
     for i, layer in enumerate(layers(model)):
-        swap_class(layer, VideoMAELayer, state, i)
-        swap_class(layer.attention.attention, VideoMAESelfAttention, state, i)
-        handles.append(capture_keys(layer.attention.attention.key, state, i))
-    fc_norm = getattr(model, "fc_norm", None)
-    if fc_norm is not None:
-        handles.append(fc_norm.register_forward_pre_hook(_size_weighted_pooling(state)))
-    return handles
-
-
-def _size_weighted_pooling(state: MergeState):
-    """Replace the classifier's plain token mean by the size-weighted mean once tokens are merged."""
-
-    def hook(_module: nn.Module, args: tuple) -> tuple | None:
-        size, tokens = state.run.size, state.last_hidden
-        if size is None or tokens is None:
-            return None  # nothing merged: the stock mean is exact
-        pooled = (tokens.float() * size).sum(1) / size.sum(1)
-        return (pooled.to(tokens.dtype),)
-
-    return hook
+        swap_class(layer, VideoMAELayer, merger, i)
+        swap_class(layer.attention.attention, VideoMAESelfAttention, merger, i)
 
 
 def token_positions(model: nn.Module) -> tuple[Tensor, int, int]:
