@@ -1,9 +1,9 @@
 """vtome: training-free token merging for video transformers (Pollard & Wray 2025, after Bolya et al. 2023)."""
 
 from vtome.merge import MODES
-from vtome.patch import is_patched, last_run, patch, settings, unpatch
+from vtome.patch import is_patched, last_run, patch, settings, unmerge, unpatch
 from vtome.state import MergeSettings, RunInfo
 
 __version__ = "0.1.0"
 
-__all__ = ["MODES", "MergeSettings", "RunInfo", "is_patched", "last_run", "patch", "settings", "unpatch"]
+__all__ = ["MODES", "MergeSettings", "RunInfo", "is_patched", "last_run", "patch", "settings", "unmerge", "unpatch"]

@@ -136,6 +136,31 @@ class Merge:
             b.copy_(total / self._b_part(new_size))
         return out, new_size
 
+    def keep(self, x: Tensor) -> Tensor:
+        """``x`` ``[G, N, D]`` laid out like the output, each output token taking the value of the token it
+        was before the merge (a B token keeps its own, even where A tokens were merged into it)."""
+        return x if self.r == 0 else self._stay(x)
+
+    def destination(self, n: int) -> Tensor:
+        """``[G, n]`` (long): where each of the ``n`` input tokens of a group went in the output, -1 where it
+        was discarded (a dropped A token, or a B token that hybrid replaced)."""
+        if self.r == 0:
+            raise ValueError("destination() needs a matching that removes tokens (r > 0)")
+        g, h, device = self.unm_idx.shape[0], self.head, self.unm_idx.device
+        n_unm, n_b = self.unm_idx.shape[1], (n - h) // 2
+        dest_a = torch.full((g, (n - h + 1) // 2), -1, dtype=torch.long, device=device)
+        dest_a.scatter_(1, self.unm_idx, torch.arange(h, h + n_unm, device=device).expand(g, -1))
+        if not self.drops:
+            dest_a.scatter_(1, self.src_idx, h + n_unm + self.dst_idx)
+        dest_b = torch.arange(h + n_unm, h + n_unm + n_b, device=device).expand(g, -1)
+        if self.keep_b is not None:
+            dest_b = torch.where(self.keep_b > 0, dest_b, -1)
+        dest = torch.empty(g, n, dtype=torch.long, device=device)
+        dest[:, :h] = torch.arange(h, device=device)
+        dest[:, h::2] = dest_a
+        dest[:, h + 1 :: 2] = dest_b
+        return dest
+
     def repeat(self, times: int) -> Merge:
         """The same matching for ``times`` consecutive groups each: ``[G]`` indices -> ``[G * times]``."""
         if self.r == 0 or times == 1:
@@ -212,6 +237,15 @@ def merge_tokens(
     """
     x, size = merge.average(x, size)
     return x, size, None if source is None else merge(source)
+
+
+def unmerge_tokens(tokens: Tensor, index: Tensor | None) -> Tensor:
+    """Tokens ``[B, N, C]`` back on the input grid ``[B, N0, C]``: input position ``i`` gets token ``index[:, i]``
+    (``index`` ``[B, N0]``, -1 for a dropped position, which gets zeros; None: nothing was merged)."""
+    if index is None:
+        return tokens
+    out = tokens.gather(1, index.clamp(min=0).unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    return out.masked_fill((index < 0).unsqueeze(-1), 0)
 
 
 def attention_bias(size: Tensor, dtype: torch.dtype) -> Tensor:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch.nn as nn
+from torch import Tensor
 
+from vtome.merge import unmerge_tokens
 from vtome.models import adapter_for, check_attention_backend, restore
 from vtome.state import Layout, Merger, MergeSettings, RSetting, RunInfo
 
@@ -104,6 +106,25 @@ def _state(model: nn.Module) -> Merger:
 def last_run(model: nn.Module) -> RunInfo:
     """What the last forward of a patched ``model`` did: ``tokens_per_layer``, ``size``, ``source``."""
     return _state(model).run
+
+
+def unmerge(model: nn.Module, tokens: Tensor) -> Tensor:
+    """Map tokens ``[B, N, C]`` laid out like the output of a patched ``model``'s last forward (its last
+    hidden state, or features computed from it) back to the input token grid ``[B, N0, C]``: each input
+    position gets the token that covers it, a dropped position (``drop`` modes) gets zeros."""
+    run = last_run(model)
+    if tokens.dim() != 3:
+        raise ValueError(f"unmerge expects tokens [batch, tokens, channels]; got shape {tuple(tokens.shape)}")
+    n_out = run.tokens_per_layer[-1] if run.tokens_per_layer else None
+    if n_out is None or tokens.shape[1] != n_out:
+        raise ValueError(
+            f"unmerge expects the {n_out} tokens of the model's last forward, got {tokens.shape[1]}; "
+            "run the model on the clip first, then unmerge its output"
+        )
+    if run.index is not None and run.index.shape[0] != tokens.shape[0]:
+        raise ValueError(f"the last forward had batch {run.index.shape[0]}, these tokens have {tokens.shape[0]}")
+    index = None if run.index is None else run.index.to(tokens.device)
+    return unmerge_tokens(tokens, index)
 
 
 def settings(model: nn.Module) -> MergeSettings:

@@ -38,7 +38,6 @@ from vtome.merge import (
     attention_bias,
     bipartite_match,
     max_merge,
-    merge_tokens,
     parse_schedule,
 )
 
@@ -100,6 +99,7 @@ class MergeSettings:
     layers: list[int] | None = None
     order: str = "paper"
     divided: str | None = None  # divided space-time models only: "per_frame" or "aligned"
+    position_merge: str = "mean"  # models with positional attention (RoPE): "mean" or "destination"
 
     def __setattr__(self, name: str, value: object) -> None:
         value = self._validate(name, value)
@@ -127,6 +127,11 @@ class MergeSettings:
                     "divided must be 'per_frame' (each frame picks its own pairs, as published) or 'aligned' "
                     f"(one matching per clip, shared by all its frames); got {value!r}"
                 )
+        if name == "position_merge" and value not in ("mean", "destination"):
+            raise ValueError(
+                "position_merge must be 'mean' (a merged token sits at the size-weighted mean position of the "
+                f"patches it covers) or 'destination' (at its destination token's position); got {value!r}"
+            )
         if name == "head_aggregation" and value not in HEAD_AGGREGATIONS:
             raise ValueError(f"head_aggregation must be one of {', '.join(HEAD_AGGREGATIONS)}; got {value!r}")
         if name == "threshold":
@@ -216,13 +221,40 @@ class RunInfo:
     ``input_tokens``: tokens entering the first layer; ``tokens_per_layer``: tokens leaving each layer after
     its merge (class token included, whole clip);
     ``size``: ``[B, N, 1]`` input patches each output token stands for (None if nothing was merged);
-    ``source``: ``[B, N, N0]`` which input tokens each output token covers (with ``trace_source=True``).
+    ``source``: ``[B, N, N0]`` which input tokens each output token covers (with ``trace_source=True``);
+    ``index``: ``[B, N0]`` (long) the output token covering each input token, -1 where it was dropped (None if
+    nothing was merged); :func:`vtome.unmerge` uses it. All detached.
     """
 
     input_tokens: int = 0
     tokens_per_layer: list[int] = field(default_factory=list)
     size: Tensor | None = None
     source: Tensor | None = None
+    index: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Track:
+    """What travels with the tokens ``[B, N, C]`` through the encoder, as an argument and a return value of
+    every patched layer (never stored on a module):
+
+    ``size`` ``[B, N, 1]`` float32, input patches each token stands for (None: all ones, nothing merged);
+    ``index`` ``[B, N0]`` long, for each input token the current token that covers it, -1 where it was
+    dropped (None: the identity); ``source`` ``[B, N, N0]`` float32 with ``trace_source`` (else None);
+    ``positions`` ``[B, N, k]`` float32 for models whose attention depends on token positions (RoPE), each
+    merged token at the size-weighted mean of its inputs or at its destination token's position (None for
+    the others).
+    """
+
+    size: Tensor | None = None
+    index: Tensor | None = None
+    source: Tensor | None = None
+    positions: Tensor | None = None
+
+    def detach(self) -> Track:
+        """The same values with no autograd history (they are counts and positions, not activations)."""
+        values = (self.size, self.index, self.source, self.positions)
+        return Track(*(None if t is None else t.detach() for t in values))
 
 
 class Merger:
@@ -254,69 +286,58 @@ class Merger:
         with record_function(PROFILE_RANGE):
             return aggregate_heads(keys.detach(), self.num_heads, self.settings.head_aggregation)
 
-    def bias(self, size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    def bias(self, track: Track, dtype: torch.dtype) -> Tensor | None:
         """Proportional-attention mask ``[B, 1, 1, N]`` (``log(size)``), or None when not needed."""
-        if not self.settings.prop_attn or size is None:
+        if not self.settings.prop_attn or track.size is None:
             return None
-        return attention_bias(size, dtype)
+        return attention_bias(track.size, dtype)
 
-    def start(self, x: Tensor) -> tuple[None, Tensor | None]:
-        """Sizes and source map entering the first layer for tokens ``x`` ``[B, N0, C]``: ``(None, source)``,
-        ``source`` the identity ``[B, N0, N0]`` with ``trace_source`` (else None)."""
-        if not self.settings.trace_source:
-            return None, None
-        return None, torch.eye(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1, -1)
+    def start(self, x: Tensor, positions: Tensor | None = None) -> Track:
+        """The track entering the first layer for tokens ``x`` ``[B, N0, C]`` (``positions`` ``[B, N0, k]``
+        for position-dependent attention)."""
+        source = None
+        if self.settings.trace_source:
+            source = torch.eye(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1, -1)
+        return Track(source=source, positions=positions)
 
-    def record(
-        self, input_tokens: int, tokens_per_layer: list[int], size: Tensor | None, source: Tensor | None
-    ) -> None:
+    def record(self, input_tokens: int, tokens_per_layer: list[int], track: Track) -> None:
         """Replace :attr:`run` with the record of the forward that just ended (tensors detached)."""
         if torch.compiler.is_exporting():
-            size = source = None  # traced values, not results
-        self.run = RunInfo(
-            input_tokens,
-            tokens_per_layer,
-            None if size is None else size.detach(),
-            None if source is None else source.detach(),
-        )
+            track = Track()  # traced values, not results
+        track = track.detach()
+        self.run = RunInfo(input_tokens, tokens_per_layer, track.size, track.source, track.index)
 
     # -- the merge step ----------------------------------------------------------------------------
     def merge(
-        self,
-        layer: int,
-        x: Tensor,
-        size: Tensor | None,
-        source: Tensor | None,
-        metric: Tensor | None,
-        grouped: bool = False,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Merge after ``layer``'s attention: tokens ``x`` ``[B, N, C]``, sizes ``[B, N, 1]`` (None: all ones)
-        and source map ``[B, N, N0]`` (or None) -> the same three with ``N'`` tokens.
+        self, layer: int, x: Tensor, track: Track, metric: Tensor | None, grouped: bool = False
+    ) -> tuple[Tensor, Track]:
+        """Merge after ``layer``'s attention: tokens ``x`` ``[B, N, C]`` and their :class:`Track` -> the same
+        with ``N'`` tokens.
 
         ``metric`` is :meth:`metric`'s output in model token order ``[B, N, d]``, or with ``grouped`` already
         in group layout ``[G, n, d]`` (a divided model's per-frame keys); None (or ``r == 0``) keeps every token.
         """
         r = self.r_at(layer)
         if r <= 0 or metric is None:
-            return x, size, source
+            return x, track
         with record_function(PROFILE_RANGE):
             if not grouped:
                 metric = self.layout.split(metric)[1]
-            return self._merge(layer, x, size, source, metric, r)
+            return self._merge(layer, x, track, metric, r)
 
-    def _merge(
-        self, layer: int, x: Tensor, size: Tensor | None, source: Tensor | None, metric: Tensor, r: int
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _merge(self, layer: int, x: Tensor, track: Track, metric: Tensor, r: int) -> tuple[Tensor, Track]:
         layout, s = self.layout, self.settings
         frames = layout.frames if layout.frames is not None and s.divided == "aligned" else 1
         if frames > 1:  # one matching per clip, on the keys averaged over its frames
             metric = metric.unflatten(0, (-1, frames)).mean(1)
-        p = layout.group_protected
+        p, (batch, tokens) = layout.group_protected, x.shape[:2]
         x_head, x_body = layout.split(x)
-        s_head, s_body = layout.split(size) if size is not None else (None, None)
-        src_head, src_body = layout.split(source) if source is not None else (None, None)
-        steps = 1 + s.duplicate.get(layer, 0)
-        for step in range(steps):
+        size = track.size if track.size is not None else x.new_ones(batch, tokens, 1, dtype=torch.float32)
+        s_head, s_body = layout.split(size)
+        carried = (("source", track.source), ("positions", track.positions))
+        parts = {k: layout.split(v) for k, v in carried if v is not None}
+        group_len, dest = x_body.shape[1], None
+        for step in range(1 + s.duplicate.get(layer, 0)):
             n = metric.shape[1] - p
             r_step = self._cap(layer, r, n) if step == 0 else min(r, max_merge(n))
             if r_step == 0:
@@ -330,16 +351,46 @@ class Merger:
                 order=s.order,
                 generator=self._rng(x, layer, step),
             )
-            if step + 1 < steps:  # a repeated step matches on the merged keys
-                match_size = None if s_body is None else s_body.unflatten(0, (-1, frames)).mean(1)
-                metric = match.average(metric, match_size)[0]
-            x_body, s_body, src_body = merge_tokens(match.repeat(frames), x_body, s_body, src_body)
-        if s_body is None:
-            return x, size, source
-        if s_head is None:  # first merge: the set-aside tokens have size 1
-            s_head = s_body.new_ones(x_head.shape[0], x_head.shape[1], 1)
-        source = None if src_body is None else layout.join(src_head, src_body)
-        return layout.join(x_head, x_body), layout.join(s_head, s_body), source
+            if step < s.duplicate.get(layer, 0):  # a repeated step matches on the merged keys
+                metric = match.average(metric, s_body.unflatten(0, (-1, frames)).mean(1))[0]
+            match = match.repeat(frames)
+            step_dest = match.destination(x_body.shape[1])
+            dest = step_dest if dest is None else torch.where(dest >= 0, step_dest.gather(1, dest.clamp(min=0)), -1)
+            if "positions" in parts:
+                head, pos = parts["positions"]
+                pos = match.keep(pos) if s.position_merge == "destination" else match.average(pos, s_body)[0]
+                parts["positions"] = (head, pos)
+            if "source" in parts:
+                parts["source"] = (parts["source"][0], match(parts["source"][1]))
+            x_body, s_body = match.average(x_body, s_body)
+        if dest is None:
+            return x, track
+        moves = self._moves(dest, batch, tokens, group_len, x_body.shape[1])
+        index = track.index
+        index = moves if index is None else torch.where(index >= 0, moves.gather(1, index.clamp(min=0)), -1)
+        joined = {k: layout.join(*v) for k, v in parts.items()}
+        return layout.join(x_head, x_body), Track(layout.join(s_head, s_body), index, **joined)
+
+    def _moves(self, dest: Tensor, batch: int, tokens: int, group_len: int, group_out: int) -> Tensor:
+        """Group destinations ``[G, n]`` -> ``[B, N]``: where each current token went in the joined output."""
+        layout = self.layout
+        if layout.frames is None:  # one group per clip, laid out as the sequence
+            return dest
+        device, p, groups = dest.device, layout.protected, dest.shape[0]
+        ids = torch.arange(tokens, device=device).view(1, tokens, 1).expand(batch, tokens, 1)
+        body_ids = layout.split(ids)[1][..., 0]  # [G, n] position of each group token in the sequence
+        codes = torch.arange(groups * group_out, device=device).view(groups, group_out, 1)
+        joined = layout.join(ids[:, :p], codes)[:, p:, 0]  # [B, N' - p] code (group, slot) at each output position
+        out_tokens = p + joined.shape[1]
+        where = torch.empty(groups * group_out, dtype=torch.long, device=device)
+        where.scatter_(0, joined.flatten(), torch.arange(p, out_tokens, device=device).repeat(batch))
+        code = torch.arange(groups, device=device).unsqueeze(1) * group_out + dest.clamp(min=0)
+        new = torch.where(dest >= 0, where[code], -1)
+        moves = torch.full((batch, tokens), -1, dtype=torch.long, device=device)
+        moves[:, :p] = torch.arange(p, device=device)
+        clip_of_group = torch.arange(groups, device=device) // (groups // batch)
+        moves.view(-1).scatter_(0, (clip_of_group.unsqueeze(1) * tokens + body_ids).flatten(), new.flatten())
+        return moves
 
     def _cap(self, layer: int, r: int, n: int) -> int:
         """``r`` capped at half of ``n`` mergeable tokens, warning once per layer when it is."""
@@ -365,34 +416,39 @@ class Merger:
         return generator
 
 
+@dataclass
+class Encoded:
+    """What :func:`encode` returns: the last layer's tokens ``[B, N, C]`` and their :class:`Track`."""
+
+    hidden_states: Tensor
+    track: Track
+
+
 def encode(
     merger: Merger,
     layers: Iterable[nn.Module],
     hidden_states: Tensor,
     *args: object,
+    positions: Tensor | None = None,
     each: Callable[[Tensor, tuple], None] | None = None,
     **kwargs: object,
-) -> tuple[Tensor, Tensor | None]:
-    """The patched encoder loop: run ``layers`` on ``hidden_states`` ``[B, N0, C]``, carrying sizes and sources.
+) -> Encoded:
+    """The patched encoder loop: run ``layers`` on ``hidden_states`` ``[B, N0, C]``, carrying the track.
 
-    Each layer is called as ``layer(hidden_states, size, source, *args, **kwargs)`` and returns
-    ``(hidden_states, size, source, *extra)``; ``each(layer_input, layer_output)`` sees every call (for
-    collecting hidden states or attentions). Records the run on ``merger``; returns the last hidden states
-    ``[B, N, C]`` and their sizes ``[B, N, 1]`` (None if nothing was merged).
+    Each layer is called as ``layer(hidden_states, track, *args, **kwargs)`` and returns
+    ``(hidden_states, track, *extra)``; ``each(layer_input, layer_output)`` sees every call (for collecting
+    hidden states or attentions). Records the run on ``merger``.
     """
-    size, source = merger.start(hidden_states)
+    track = merger.start(hidden_states, positions)
     input_tokens, counts = hidden_states.shape[1], []
     for layer in layers:
-        out = layer(hidden_states, size, source, *args, **kwargs)
+        out = layer(hidden_states, track, *args, **kwargs)
         if each is not None:
             each(hidden_states, out)
-        hidden_states, size, source = out[0], out[1], out[2]
-        # Sizes and sources are counts, not differentiable values (reentrant checkpointing marks them).
-        size = None if size is None else size.detach()
-        source = None if source is None else source.detach()
+        hidden_states, track = out[0], out[1].detach()
         counts.append(hidden_states.shape[1])
-    merger.record(input_tokens, counts, size, source)
-    return hidden_states, size
+    merger.record(input_tokens, counts, track)
+    return Encoded(hidden_states, track)
 
 
 def pool_mean(tokens: Tensor, size: Tensor | None) -> Tensor:

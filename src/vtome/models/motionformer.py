@@ -16,7 +16,7 @@ from torch import Tensor
 
 from vtome import motionformer as mf
 from vtome.models import check_input, grid_positions, swap_class
-from vtome.state import Layout, Merger, encode
+from vtome.state import Layout, Merger, Track, encode
 
 FAMILY = "Motionformer"
 ATTENTION = "trajectory"
@@ -24,17 +24,16 @@ DEFAULT_PROP_ATTN = True
 
 
 class MotionformerLayer(mf.MotionformerLayer):
-    """The stock block taking and returning ``(x, size, source)``, merging per frame before the MLP."""
+    """The stock block taking and returning ``(x, track)``, merging per frame before the MLP."""
 
-    def forward(
-        self, x: Tensor, size: Tensor | None, source: Tensor | None, frames: int
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def forward(self, x: Tensor, track: Track, frames: int) -> tuple[Tensor, Track]:
         merger: Merger = self._vtome
         i = self._vtome_layer
+        size = track.size
         bias = None if size is None or not merger.settings.prop_attn else size[..., 0].log().to(x.dtype)
         out, keys = self.attention(self.layernorm_before(x), frames, bias)
-        x, size, source = merger.merge(i, x + out, size, source, merger.metric(i, keys))
-        return x + self.mlp(self.layernorm_after(x)), size, source
+        x, track = merger.merge(i, x + out, track, merger.metric(i, keys))
+        return x + self.mlp(self.layernorm_after(x)), track
 
 
 class MotionformerForVideoClassification(mf.MotionformerForVideoClassification):
@@ -46,8 +45,7 @@ class MotionformerForVideoClassification(mf.MotionformerForVideoClassification):
             return super().forward(pixel_values)
         check_input(merger, self.config, pixel_values, FAMILY)
         x = self.embeddings(pixel_values)
-        x, _ = encode(merger, self.layers, x, self.config.temporal_positions)
-        return self.head(x)
+        return self.head(encode(merger, self.layers, x, self.config.temporal_positions).hidden_states)
 
 
 def base(model: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ from transformers.models.timesformer import modeling_timesformer as hf
 
 from vtome.merge import attention_bias
 from vtome.models import check_input, grid_positions, keeps_output_capture, swap_class
-from vtome.state import Layout, Merger, encode
+from vtome.state import Layout, Merger, Track, encode
 
 FAMILY = "TimeSformer"
 ATTENTION = "divided"
@@ -55,21 +55,14 @@ def _attend(
 
 class TimesformerLayer(hf.TimesformerLayer):
     """Divided space-time block for any number of tokens per frame, taking and returning
-    ``(hidden_states, size, source)`` (then the attention probabilities if asked), merging per frame before
-    the MLP."""
+    ``(hidden_states, track)`` (then the attention probabilities if asked), merging per frame before the MLP."""
 
-    def forward(
-        self,
-        hidden_states: Tensor,
-        size: Tensor | None = None,
-        source: Tensor | None = None,
-        output_attentions: bool = False,
-    ) -> tuple[Tensor, ...]:
+    def forward(self, hidden_states: Tensor, track: Track, output_attentions: bool = False) -> tuple:
         merger: Merger = self._vtome
         frames = self.config.num_frames
         batch, num_tokens, channels = hidden_states.shape
         slots = (num_tokens - 1) // frames
-        prop = size if merger.settings.prop_attn else None
+        prop = track.size if merger.settings.prop_attn else None
 
         # Temporal attention over the frames of each slot: [B*slots, T, C].
         patches = hidden_states[:, 1:, :]
@@ -100,16 +93,16 @@ class TimesformerLayer(hf.TimesformerLayer):
         # Merge inside each frame on the spatial keys (class token left out: [B*T, heads, slots, d]), then the MLP.
         i = self._vtome_layer
         metric = merger.metric(i, keys[:, :, 1:])
-        hidden_states, size, source = merger.merge(i, hidden_states, size, source, metric, grouped=True)
+        hidden_states, track = merger.merge(i, hidden_states, track, metric, grouped=True)
         layer_output = self.layernorm_after(hidden_states)
         layer_output = self.intermediate(layer_output)
         layer_output = self.output(layer_output)
         layer_output = hidden_states + self.drop_path(layer_output)
-        return (layer_output, size, source) + ((probs,) if output_attentions else ())
+        return (layer_output, track) + ((probs,) if output_attentions else ())
 
 
 class TimesformerEncoder(hf.TimesformerEncoder):
-    """The stock layer loop, carrying sizes and sources."""
+    """The stock layer loop, carrying the track."""
 
     def forward(
         self,
@@ -124,9 +117,9 @@ class TimesformerEncoder(hf.TimesformerEncoder):
         def collect(layer_input: Tensor, layer_output: tuple) -> None:
             all_hidden_states.append(layer_input)
             if output_attentions:
-                all_attentions.append(layer_output[3])
+                all_attentions.append(layer_output[2])
 
-        hidden_states, _ = encode(self._vtome, self.layer, hidden_states, output_attentions, each=collect)
+        hidden_states = encode(self._vtome, self.layer, hidden_states, output_attentions, each=collect).hidden_states
         hidden = (*all_hidden_states, hidden_states) if output_hidden_states else None
         attentions = tuple(all_attentions) if output_attentions else None
         if not return_dict:

@@ -19,7 +19,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from vtome.models import check_input, grid_positions, keeps_output_capture, swap_class
-from vtome.state import Layout, Merger, encode, pool_mean
+from vtome.state import Layout, Merger, Track, encode, pool_mean
 
 FAMILY = "VideoMAE"
 ATTENTION = "joint"
@@ -59,28 +59,26 @@ class VideoMAESelfAttention(hf.VideoMAESelfAttention):
 
 
 class VideoMAELayer(hf.VideoMAELayer):
-    """Stock pre-LN block taking and returning ``(hidden_states, size, source)``, merging between the
-    attention residual and the MLP."""
+    """Stock pre-LN block taking and returning ``(hidden_states, track)``, merging between the attention
+    residual and the MLP."""
 
-    def forward(
-        self, hidden_states: Tensor, size: Tensor | None = None, source: Tensor | None = None, **kwargs: object
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def forward(self, hidden_states: Tensor, track: Track, **kwargs: object) -> tuple[Tensor, Track]:
         merger: Merger = self._vtome
         i = self._vtome_layer
         normed = self.layernorm_before(hidden_states)
-        context, _, keys = self.attention.attention(normed, merger.bias(size, hidden_states.dtype))
+        context, _, keys = self.attention.attention(normed, merger.bias(track, hidden_states.dtype))
         hidden_states = self.attention.output(context, normed) + hidden_states
-        hidden_states, size, source = merger.merge(i, hidden_states, size, source, merger.metric(i, keys))
+        hidden_states, track = merger.merge(i, hidden_states, track, merger.metric(i, keys))
         layer_output = self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states)
-        return layer_output, size, source
+        return layer_output, track
 
 
 class VideoMAEEncoder(hf.VideoMAEEncoder):
-    """The layer loop, carrying sizes and sources; returns them in a :class:`MergedOutput`."""
+    """The layer loop, carrying the track; returns the sizes in a :class:`MergedOutput`."""
 
     def forward(self, hidden_states: Tensor, **kwargs: object) -> MergedOutput:
-        hidden_states, size = encode(self._vtome, self.layer, hidden_states, **kwargs)
-        return MergedOutput(last_hidden_state=hidden_states, token_size=size)
+        encoded = encode(self._vtome, self.layer, hidden_states, **kwargs)
+        return MergedOutput(last_hidden_state=encoded.hidden_states, token_size=encoded.track.size)
 
 
 @keeps_output_capture

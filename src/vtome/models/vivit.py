@@ -20,7 +20,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from vtome.models import check_input, grid_positions, keeps_output_capture, swap_class
-from vtome.state import Layout, Merger, encode
+from vtome.state import Layout, Merger, Track, encode
 
 FAMILY = "ViViT"
 ATTENTION = "joint"
@@ -55,28 +55,23 @@ class VivitAttention(hf.VivitAttention):
 
 
 class VivitLayer(hf.VivitLayer):
-    """Stock pre-LN block taking and returning ``(hidden_states, size, source)``, merging before the MLP."""
+    """Stock pre-LN block taking and returning ``(hidden_states, track)``, merging before the MLP."""
 
     def forward(
-        self,
-        hidden_states: Tensor,
-        size: Tensor | None = None,
-        source: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        **kwargs: object,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        self, hidden_states: Tensor, track: Track, attention_mask: Tensor | None = None, **kwargs: object
+    ) -> tuple[Tensor, Track]:
         merger: Merger = self._vtome
         i = self._vtome_layer
-        bias = merger.bias(size, hidden_states.dtype)
+        bias = merger.bias(track, hidden_states.dtype)
         residual = hidden_states
         attn_output, _, keys = self.attention(
             self.layernorm_before(hidden_states), attention_mask if bias is None else bias, **kwargs
         )
         hidden_states = self.dropout(attn_output) + residual
-        hidden_states, size, source = merger.merge(i, hidden_states, size, source, merger.metric(i, keys))
+        hidden_states, track = merger.merge(i, hidden_states, track, merger.metric(i, keys))
         residual = hidden_states
         hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states)))
-        return hidden_states + residual, size, source
+        return hidden_states + residual, track
 
 
 @keeps_output_capture
@@ -110,7 +105,7 @@ class VivitModel(hf.VivitModel):
             for layer in self.layers:
                 hidden_states = layer(hidden_states, attention_mask, **kwargs)
         else:
-            hidden_states, _ = encode(merger, self.layers, embedding_output, attention_mask, **kwargs)
+            hidden_states = encode(merger, self.layers, embedding_output, attention_mask, **kwargs).hidden_states
         sequence_output = self.layernorm(hidden_states)
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output)
