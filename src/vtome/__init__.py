@@ -1,9 +1,20 @@
 """vtome: training-free token merging for video transformers (Pollard & Wray 2025, after Bolya et al. 2023)."""
 
 from vtome.merge import MODES
-from vtome.patch import is_patched, last_run, patch, settings, unmerge, unpatch
+from vtome.patch import is_patched, last_run, layout, patch, settings, unmerge, unpatch
 from vtome.state import MergeSettings, RunInfo
 
 __version__ = "0.1.0"
 
-__all__ = ["MODES", "MergeSettings", "RunInfo", "is_patched", "last_run", "patch", "settings", "unmerge", "unpatch"]
+__all__ = [
+    "MODES",
+    "MergeSettings",
+    "RunInfo",
+    "is_patched",
+    "last_run",
+    "layout",
+    "patch",
+    "settings",
+    "unmerge",
+    "unpatch",
+]

@@ -203,6 +203,16 @@ class Layout:
             body = body.reshape(b, m // f, f, d).transpose(1, 2)
         return head, body.reshape(b * f, m // f, d)
 
+    def slot(self, index: Tensor, tokens: int) -> Tensor:
+        """Frame slot (0-based, after the protected tokens) of token positions ``index`` in a divided layout of
+        ``tokens`` tokens; protected tokens map to -1 - their position."""
+        if self.frames is None:
+            raise ValueError("slots exist in divided space-time layouts only")
+        slots = (tokens - self.protected) // self.frames
+        body = index - self.protected
+        slot = body // self.frames if self.time_minor else body % slots
+        return torch.where(body >= 0, slot, -1 - index)
+
     def join(self, head: Tensor, groups: Tensor) -> Tensor:
         """Inverse of :meth:`split` for any group length."""
         if self.frames is None:

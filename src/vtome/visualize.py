@@ -2,7 +2,8 @@
 
 Each merge group is filled with its mean colour (or keeps the original pixels) and outlined in a colour
 of its own. Joint space-time models can merge across frames: such a group has the same colour in every
-frame it covers. Divided space-time models merge inside each frame. Dropped patches are shown dark.
+frame it covers. Divided space-time models merge inside each frame; with ``divided="aligned"`` every
+frame has the same groups, drawn in the same colour in every frame. Dropped patches are shown dark.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def groups_after_layer(
     """Merge group of every input token after ``layer`` (default: the last), ``[N0]``: the index of the
     output token covering it, -1 where it was dropped. ``patch_kwargs`` go to :func:`vtome.patch`
     (``r``, ``mode``, ...); the model itself is not changed."""
-    probe = vtome.patch(copy.deepcopy(model), trace_source=True, **patch_kwargs)
+    probe = vtome.patch(copy.deepcopy(model), **patch_kwargs)
     layers = vtome.settings(probe).num_layers
     if layer is not None:
         if not 0 <= layer < layers:
@@ -70,13 +71,14 @@ def groups_after_layer(
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", CapWarning)
         probe(pixel_values=pixel_values[:1])
-    source = vtome.last_run(probe).source
-    n0 = vtome.last_run(probe).input_tokens
-    if source is None:  # nothing was merged
-        return torch.arange(n0)
-    source = source[0]
-    groups = source.argmax(0)
-    groups[source.sum(0) == 0] = -1
+    run = vtome.last_run(probe)
+    if run.index is None:  # nothing was merged
+        return torch.arange(run.input_tokens)
+    groups = run.index[0].clone()
+    layout = vtome.layout(probe)
+    if vtome.settings(probe).divided == "aligned":  # one group per slot, the same in every frame
+        kept = groups >= 0
+        groups[kept] = layout.slot(groups[kept], run.tokens_per_layer[-1])
     return groups
 
 
