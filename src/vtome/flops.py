@@ -18,6 +18,10 @@ ratio of two such counts is the speedup a perfect implementation would get.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch.nn as nn
 
 
@@ -51,6 +55,80 @@ def stack_flops(
         total += layer_flops(n, m, hidden, frames, attention)
         n = m
     return total
+
+
+def simulate_tokens(
+    input_tokens: int, schedule: list[int], protected: int = 0, frames: int | None = None, duplicate: dict | None = None
+) -> list[int]:
+    """Tokens leaving each layer for a per-layer ``schedule`` of ``r``, without running the model: each step
+    removes ``min(r, half the mergeable tokens)`` of a clip (joint) or of each of ``frames`` frames (divided,
+    with ``protected`` tokens set aside), repeated ``1 + duplicate[layer]`` times."""
+    duplicate = duplicate or {}
+    counts = []
+    if frames is None:
+        n = input_tokens
+        for layer, r in enumerate(schedule):
+            for _ in range(1 + duplicate.get(layer, 0) if r > 0 else 0):
+                n -= min(r, (n - protected) // 2)
+            counts.append(n)
+        return counts
+    slots = (input_tokens - protected) // frames
+    for layer, r in enumerate(schedule):
+        for _ in range(1 + duplicate.get(layer, 0) if r > 0 else 0):
+            slots -= min(r, slots // 2)
+        counts.append(protected + slots * frames)
+    return counts
+
+
+class BudgetWarning(UserWarning):
+    """A FLOP budget below what merging can reach: the closest reachable schedule is used."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A resolved FLOP budget: the ``r`` setting chosen, and the fraction of the unpatched FLOPs it keeps."""
+
+    r: int | tuple[int, float]
+    fraction: float
+    target: float
+
+
+def resolve_budget(
+    fraction_at: Callable[[int | tuple[int, float]], float], target: float, inflection: float | None = None
+) -> Budget:
+    """The smallest ``r`` (constant, or ``(r, inflection)``) whose FLOP fraction ``fraction_at(r)`` is at most
+    ``target``: the schedule that meets the budget most closely without exceeding it. If no ``r`` reaches
+    it (merging saturates), warns and returns the smallest ``r`` reaching the lowest fraction there is."""
+
+    def setting(r: int) -> int | tuple[int, float]:
+        return r if inflection is None else (r, inflection)
+
+    if target >= 1.0:
+        return Budget(setting(0), 1.0, target)
+    hi, best = 1, fraction_at(setting(1))
+    while best > target:
+        nxt = fraction_at(setting(hi * 2))
+        if nxt >= best:  # nothing more to gain: every layer merges all it can
+            break
+        hi, best = hi * 2, nxt
+    if best > target:
+        lo_frac = best
+        lo, hi2 = hi // 2, hi
+        while hi2 - lo > 1:  # smallest r with the saturated fraction
+            mid = (lo + hi2) // 2
+            lo, hi2 = (lo, mid) if fraction_at(setting(mid)) <= lo_frac else (mid, hi2)
+        warnings.warn(
+            f"vtome: a budget of {target:.3f} of the FLOPs cannot be reached; merging saturates at "
+            f"{lo_frac:.3f} ({1 / lo_frac:.2f}x fewer FLOPs), which is used (r={setting(hi2)})",
+            BudgetWarning,
+            stacklevel=3,
+        )
+        return Budget(setting(hi2), fraction_at(setting(hi2)), target)
+    lo = 0  # fraction_at(lo) > target >= fraction_at(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fraction_at(setting(mid)) <= target else (mid, hi)
+    return Budget(setting(hi), fraction_at(setting(hi)), target)
 
 
 def last_run_flops(model: nn.Module) -> tuple[float, float]:

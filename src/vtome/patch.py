@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 import torch.nn as nn
 from torch import Tensor
 
+from vtome.flops import resolve_budget, simulate_tokens, stack_flops
 from vtome.merge import unmerge_tokens
 from vtome.models import adapter_for, check_attention_backend, restore
 from vtome.state import Layout, Merger, MergeSettings, RSetting, RunInfo
@@ -25,6 +29,8 @@ def patch(
     layers: list[int] | None = None,
     order: str = "paper",
     divided: str | None = None,
+    flops: float | None = None,
+    inflection: float | None = None,
 ) -> nn.Module:
     """Patch ``model`` in place for token merging and return it.
 
@@ -51,6 +57,12 @@ def patch(
         divided: divided space-time models only: ``per_frame`` (default; each frame picks its own pairs, as
             published) or ``aligned`` (one matching per clip from the keys averaged over its frames, so every
             frame merges the same slots). ``ValueError`` on joint space-time models.
+        flops: instead of ``r``, a budget: the fraction of the unpatched transformer FLOPs to keep (e.g. 0.5).
+            It is resolved from the FLOP model (:mod:`vtome.flops`) to the smallest ``r`` that meets it, with
+            ``start_layer``, ``layers`` and ``duplicate`` taken into account; ``settings(model).r`` shows the
+            choice and ``last_run(model).flop_ratio`` the result. A budget merging cannot reach warns
+            (:class:`vtome.flops.BudgetWarning`) and uses the closest reachable schedule.
+        inflection: with ``flops``, resolve an ``(r, inflection)`` schedule instead of a constant ``r``.
 
     Patching a patched model starts again from these settings. To change one setting in place, assign
     it on :func:`settings` (``vtome.settings(model).r = 100``).
@@ -62,6 +74,10 @@ def patch(
             f"divided={divided!r} applies to divided space-time models (TimeSformer, Motionformer); "
             f"{type(model).__name__} attends jointly over the clip, so leave divided unset"
         )
+    if flops is not None and r != 0:
+        raise ValueError("pass either r (tokens per layer) or flops (a budget), not both")
+    if inflection is not None and flops is None:
+        raise ValueError("inflection goes with flops; for a fixed schedule pass r=(r, inflection)")
     settings = MergeSettings(
         num_layers=len(adapter.layers(model)),
         r=r,
@@ -76,14 +92,39 @@ def patch(
         layers=layers,
         order=order,
         divided=(divided or "per_frame") if layout.frames is not None else None,
+        flops=None if flops is None else _check_budget(flops),
     )
+    if flops is not None:
+        settings.r = resolve_budget(_fraction_for(model, adapter, settings), flops, inflection).r
     if settings.prop_attn:
         check_attention_backend(model.config)
     unpatch(model)
-    merger = Merger(settings, layout, model.config.num_attention_heads, adapter.ATTENTION)
+    merger = Merger(settings, layout, model.config.num_attention_heads, adapter.ATTENTION, model.config.hidden_size)
     adapter.apply(model, merger)
     model._vtome = merger
     return model
+
+
+def _check_budget(flops: object) -> float:
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0.0 < flops <= 1.0:
+        raise ValueError(
+            f"flops is the fraction of the unpatched FLOPs to keep, a number in (0, 1] (0.5: half); got {flops!r}"
+        )
+    return float(flops)
+
+
+def _fraction_for(model: nn.Module, adapter: object, settings: MergeSettings) -> Callable[[RSetting], float]:
+    """FLOP fraction (merged / unmerged, from the FLOP model) of ``model`` as a function of the ``r`` setting."""
+    layout = adapter.layout(model)
+    n0, hidden = adapter.token_positions(model)[0].shape[0], model.config.hidden_size
+    full = stack_flops(n0, [n0] * settings.num_layers, hidden, layout.frames, adapter.ATTENTION)
+
+    def fraction(r: RSetting) -> float:
+        schedule = replace(settings, r=r).schedule()
+        counts = simulate_tokens(n0, schedule, layout.protected, layout.frames, settings.duplicate)
+        return stack_flops(n0, counts, hidden, layout.frames, adapter.ATTENTION) / full
+
+    return fraction
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.profiler import record_function
 
+from vtome.flops import stack_flops
 from vtome.merge import (
     HEAD_AGGREGATIONS,
     MODES,
@@ -100,6 +101,7 @@ class MergeSettings:
     order: str = "paper"
     divided: str | None = None  # divided space-time models only: "per_frame" or "aligned"
     position_merge: str = "mean"  # models with positional attention (RoPE): "mean" or "destination"
+    flops: float | None = None  # the FLOP budget r was resolved from (vtome.patch(model, flops=...)), if any
 
     def __setattr__(self, name: str, value: object) -> None:
         value = self._validate(name, value)
@@ -127,6 +129,11 @@ class MergeSettings:
                     "divided must be 'per_frame' (each frame picks its own pairs, as published) or 'aligned' "
                     f"(one matching per clip, shared by all its frames); got {value!r}"
                 )
+        if name == "flops" and "flops" in self.__dict__ and self.__dict__["flops"] != value:
+            raise ValueError(
+                "a FLOP budget is resolved to r when patching: call vtome.patch(model, flops=...) again "
+                "(or set r directly)"
+            )
         if name == "position_merge" and value not in ("mean", "destination"):
             raise ValueError(
                 "position_merge must be 'mean' (a merged token sits at the size-weighted mean position of the "
@@ -234,6 +241,7 @@ class RunInfo:
     ``source``: ``[B, N, N0]`` which input tokens each output token covers (with ``trace_source=True``);
     ``index``: ``[B, N0]`` (long) the output token covering each input token, -1 where it was dropped (None if
     nothing was merged); :func:`vtome.unmerge` uses it. All detached.
+    ``flop_ratio``: unpatched / patched transformer FLOPs of this forward (:mod:`vtome.flops`).
     """
 
     input_tokens: int = 0
@@ -241,6 +249,7 @@ class RunInfo:
     size: Tensor | None = None
     source: Tensor | None = None
     index: Tensor | None = None
+    flop_ratio: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -271,11 +280,12 @@ class Merger:
     """The merge step of one patched model: settings, layout and the last forward's record (see the module
     docstring). Every method but :meth:`record` is a function of its arguments and the settings."""
 
-    def __init__(self, settings: MergeSettings, layout: Layout, num_heads: int, attention: str) -> None:
+    def __init__(self, settings: MergeSettings, layout: Layout, num_heads: int, attention: str, hidden: int) -> None:
         self.settings = settings
         self.layout = layout
         self.num_heads = num_heads
         self.attention = attention  # "joint", "divided" or "trajectory": which FLOP model applies
+        self.hidden = hidden
         self.run = RunInfo()
         self._warned: set[int] = set()  # layers already warned about capping (warn once each)
 
@@ -315,7 +325,10 @@ class Merger:
         if torch.compiler.is_exporting():
             track = Track()  # traced values, not results
         track = track.detach()
-        self.run = RunInfo(input_tokens, tokens_per_layer, track.size, track.source, track.index)
+        frames, kind = self.layout.frames, self.attention
+        full = stack_flops(input_tokens, [input_tokens] * len(tokens_per_layer), self.hidden, frames, kind)
+        ratio = full / stack_flops(input_tokens, tokens_per_layer, self.hidden, frames, kind)
+        self.run = RunInfo(input_tokens, tokens_per_layer, track.size, track.source, track.index, ratio)
 
     # -- the merge step ----------------------------------------------------------------------------
     def merge(
@@ -405,7 +418,7 @@ class Merger:
     def _cap(self, layer: int, r: int, n: int) -> int:
         """``r`` capped at half of ``n`` mergeable tokens, warning once per layer when it is."""
         cap = max_merge(n)
-        if r > cap and layer not in self._warned:
+        if r > cap and layer not in self._warned and self.settings.flops is None:  # a budget caps knowingly
             self._warned.add(layer)
             unit = " per frame" if self.layout.frames else ""
             warnings.warn(
