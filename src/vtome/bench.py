@@ -52,6 +52,8 @@ class BenchConfig:
     prop_attn: bool | None = None
     start_layer: int = 0
     layers: list[int] | None = None
+    order: str = "paper"
+    divided: str | None = None  # divided space-time models: per_frame (default) or aligned
 
     def validate(self) -> None:
         if not self.rs:
@@ -243,6 +245,8 @@ def _run(cfg: BenchConfig, on_step: Callable[[str], None] | None) -> dict[str, o
             seed=0,
             start_layer=cfg.start_layer,
             layers=cfg.layers,
+            order=cfg.order,
+            divided=cfg.divided,
         )
         variants.append(_Variant(r, model, _forward_fn(model, cfg.compile)))
     step = on_step or (lambda _label: None)

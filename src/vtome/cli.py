@@ -1,4 +1,4 @@
-"""The ``vtome`` command line: ``bench``, ``demo``, ``eval``, ``sweep``."""
+"""The ``vtome`` command line: ``bench``, ``calibrate``, ``demo``, ``eval``, ``sweep``, ``visualize`` and analyses."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prop-attn", default=None, choices=["on", "off"], help="override the family default")
     p.add_argument("--start-layer", type=int, default=0, help="merge only from this layer on")
     p.add_argument("--layers", type=_ints, default=None, help="merge only in these layers (comma-separated)")
+    p.add_argument("--order", default="paper", choices=["paper", "spatial"], help="token order (default: paper)")
+    p.add_argument(
+        "--divided", default=None, choices=["per_frame", "aligned"], help="divided space-time models: matching scheme"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile every variant")
     p.add_argument("--warmup", type=int, default=2, help="warm-up forwards per variant (default: 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (default: 5)")
@@ -70,6 +74,8 @@ def _bench(args: argparse.Namespace) -> int:
         prop_attn=None if args.prop_attn is None else args.prop_attn == "on",
         start_layer=args.start_layer,
         layers=args.layers,
+        order=args.order,
+        divided=args.divided,
     )
     cfg.validate()
     transformers.utils.logging.disable_progress_bar()
@@ -134,6 +140,96 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot_speedup(report, args.plot)
         out.print(f"wrote {args.plot}")
+    return 0
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="the r that gives a speedup (or FLOP budget) on this device and batch size",
+        description="Measure speedup against r on this device (interleaved with the unpatched model), fit "
+        "where it meets --target-speedup (or measure --flops), and say plainly when merging does not pay.",
+    )
+    p.add_argument("--model", required=True, help="built-in name, local directory, Motionformer .pyth or hub id")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-speedup", type=float, help="wanted speedup, e.g. 2 (fits r on the measured curve)")
+    target.add_argument("--flops", type=float, help="fraction of the FLOPs to keep, e.g. 0.5 (measures that r)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size to calibrate for (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    p.add_argument("--attn", default="sdpa", help="attention backend (default sdpa, the fastest stock one)")
+    p.add_argument("--mode", default="merge", help="merge, drop, random_merge, random_drop or hybrid")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up forwards per variant (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="largest batch tried when merging does not pay")
+    p.add_argument("--json", metavar="FILE", help="write the measurements and the recommendation as JSON")
+    p.set_defaults(func=_calibrate)
+
+
+def _check_writable(path: str | None, option: str) -> None:
+    """Fail before any work when ``path`` cannot be written (a missing folder, a folder, no permission)."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"{option} {path}: cannot write a file there (is the folder missing, or is it a folder?)")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import transformers
+    from rich.console import Console
+    from rich.table import Table
+
+    from vtome.calibrate import CalibrateConfig, calibrate, verdict
+
+    _check_writable(args.json, "--json")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1; got {args.threads}")
+    cfg = CalibrateConfig(
+        model=args.model,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        attn=args.attn,
+        mode=args.mode,
+        target_speedup=args.target_speedup,
+        flops=args.flops,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        threads=args.threads,
+        max_batch_size=args.max_batch_size,
+    )
+    cfg.validate()
+    transformers.utils.logging.disable_progress_bar()
+    console = Console(stderr=True)
+    with console.status("[bold]calibrate[/] measuring"):
+        report = calibrate(cfg)
+    m = report["machine"]
+    out = Console(width=None if Console().is_terminal else 160)
+    out.print(
+        f"[bold]{args.model}[/] · {cfg.dtype} · attn {cfg.attn} · mode {cfg.mode} · device {m['device']}"
+        f" ({m['gpu'] or m['cpu']}) · {m['threads']} threads · batch {cfg.batch_size}"
+    )
+    table = Table()
+    for col in ("r", "batch", "FLOP ratio", "speedup", "clips/s", "merge time"):
+        table.add_column(col, justify="right")
+    for row in report["results"]:
+        table.add_row(
+            "baseline" if row["baseline"] else str(row["r"]),
+            str(row["batch_size"]),
+            f"{row['flop_ratio']:.2f}x",
+            f"{row['speedup']:.2f}x",
+            f"{row['clips_per_s']:.2f}",
+            "-" if row["overhead_share"] is None else f"{row['overhead_share']:.1%}",
+        )
+    out.print(table)
+    for line in verdict(report):
+        out.print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        out.print(f"wrote {args.json}")
     return 0
 
 
@@ -476,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtome", description="Token merging for video transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
+    _add_calibrate(sub)
     _add_demo(sub)
     _add_eval(sub)
     _add_sweep(sub)

@@ -21,6 +21,7 @@ Who owns what, and what travels where:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -44,6 +45,11 @@ from vtome.merge import (
 
 # Profiler range around all matching and merging work (the benchmark reads it to report the overhead).
 PROFILE_RANGE = "vtome.merge"
+
+
+def _profiled() -> contextlib.AbstractContextManager:
+    """The profiler range around matching and merging, only while a profiler runs (it costs a dispatch)."""
+    return record_function(PROFILE_RANGE) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
 
 
 class CapWarning(UserWarning):
@@ -106,6 +112,7 @@ class MergeSettings:
     def __setattr__(self, name: str, value: object) -> None:
         value = self._validate(name, value)
         super().__setattr__(name, value)
+        self.__dict__.pop("_schedule", None)  # recomputed on next use
 
     def _validate(self, name: str, value: object) -> object:
         if name == "r":
@@ -175,8 +182,12 @@ class MergeSettings:
 
     def schedule(self) -> list[int]:
         """``r`` for each layer, before capping (0 outside ``layers`` and before ``start_layer``)."""
-        values = parse_schedule(self.r, self.num_layers, self.start_layer)
-        return values if self.layers is None else [v if i in self.layers else 0 for i, v in enumerate(values)]
+        cached = self.__dict__.get("_schedule")
+        if cached is None:
+            values = parse_schedule(self.r, self.num_layers, self.start_layer)
+            cached = values if self.layers is None else [v if i in self.layers else 0 for i, v in enumerate(values)]
+            self.__dict__["_schedule"] = cached
+        return list(cached)
 
 
 @dataclass(frozen=True)
@@ -303,7 +314,7 @@ class Merger:
         ``[B', H, N, d]``), or None if ``layer`` keeps every token."""
         if self.r_at(layer) <= 0:
             return None
-        with record_function(PROFILE_RANGE):
+        with _profiled():
             return aggregate_heads(keys.detach(), self.num_heads, self.settings.head_aggregation)
 
     def bias(self, track: Track, dtype: torch.dtype) -> Tensor | None:
@@ -343,7 +354,7 @@ class Merger:
         r = self.r_at(layer)
         if r <= 0 or metric is None:
             return x, track
-        with record_function(PROFILE_RANGE):
+        with _profiled():
             if not grouped:
                 metric = self.layout.split(metric)[1]
             return self._merge(layer, x, track, metric, r)
