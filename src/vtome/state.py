@@ -270,7 +270,8 @@ class Track:
 
     ``size`` ``[B, N, 1]`` float32, input patches each token stands for (None: all ones, nothing merged);
     ``index`` ``[B, N0]`` long, for each input token the current token that covers it, -1 where it was
-    dropped (None: the identity); ``source`` ``[B, N, N0]`` float32 with ``trace_source`` (else None);
+    dropped (None: the identity); in divided layouts its slot inside its frame (the frame never changes:
+    :meth:`Merger.global_index` gives positions); ``source`` ``[B, N, N0]`` float32 with ``trace_source`` (else None);
     ``positions`` ``[B, N, k]`` float32 for models whose attention depends on token positions (RoPE), each
     merged token at the size-weighted mean of its inputs or at its destination token's position (None for
     the others).
@@ -339,7 +340,8 @@ class Merger:
         frames, kind = self.layout.frames, self.attention
         full = stack_flops(input_tokens, [input_tokens] * len(tokens_per_layer), self.hidden, frames, kind)
         ratio = full / stack_flops(input_tokens, tokens_per_layer, self.hidden, frames, kind)
-        self.run = RunInfo(input_tokens, tokens_per_layer, track.size, track.source, track.index, ratio)
+        index = self.global_index(track.index, tokens_per_layer[-1] if tokens_per_layer else input_tokens)
+        self.run = RunInfo(input_tokens, tokens_per_layer, track.size, track.source, index, ratio)
 
     # -- the merge step ----------------------------------------------------------------------------
     def merge(
@@ -370,7 +372,7 @@ class Merger:
         s_head, s_body = layout.split(size)
         carried = (("source", track.source), ("positions", track.positions))
         parts = {k: layout.split(v) for k, v in carried if v is not None}
-        group_len, dest = x_body.shape[1], None
+        dest = None
         for step in range(1 + s.duplicate.get(layer, 0)):
             n = metric.shape[1] - p
             r_step = self._cap(layer, r, n) if step == 0 else min(r, max_merge(n))
@@ -399,32 +401,47 @@ class Merger:
             x_body, s_body = match.average(x_body, s_body)
         if dest is None:
             return x, track
-        moves = self._moves(dest, batch, tokens, group_len, x_body.shape[1])
-        index = track.index
-        index = moves if index is None else torch.where(index >= 0, moves.gather(1, index.clamp(min=0)), -1)
+        index = self._update_index(track.index, dest, batch, tokens)
         joined = {k: layout.join(*v) for k, v in parts.items()}
         return layout.join(x_head, x_body), Track(layout.join(s_head, s_body), index, **joined)
 
-    def _moves(self, dest: Tensor, batch: int, tokens: int, group_len: int, group_out: int) -> Tensor:
-        """Group destinations ``[G, n]`` -> ``[B, N]``: where each current token went in the joined output."""
+    def _frame_layout(self, n0: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Frame and initial slot of each of the ``n0 - p`` input tokens after the protected ones (divided)."""
         layout = self.layout
-        if layout.frames is None:  # one group per clip, laid out as the sequence
-            return dest
-        device, p, groups = dest.device, layout.protected, dest.shape[0]
-        ids = torch.arange(tokens, device=device).view(1, tokens, 1).expand(batch, tokens, 1)
-        body_ids = layout.split(ids)[1][..., 0]  # [G, n] position of each group token in the sequence
-        codes = torch.arange(groups * group_out, device=device).view(groups, group_out, 1)
-        joined = layout.join(ids[:, :p], codes)[:, p:, 0]  # [B, N' - p] code (group, slot) at each output position
-        out_tokens = p + joined.shape[1]
-        where = torch.empty(groups * group_out, dtype=torch.long, device=device)
-        where.scatter_(0, joined.flatten(), torch.arange(p, out_tokens, device=device).repeat(batch))
-        code = torch.arange(groups, device=device).unsqueeze(1) * group_out + dest.clamp(min=0)
-        new = torch.where(dest >= 0, where[code], -1)
-        moves = torch.full((batch, tokens), -1, dtype=torch.long, device=device)
-        moves[:, :p] = torch.arange(p, device=device)
-        clip_of_group = torch.arange(groups, device=device) // (groups // batch)
-        moves.view(-1).scatter_(0, (clip_of_group.unsqueeze(1) * tokens + body_ids).flatten(), new.flatten())
-        return moves
+        body = torch.arange(n0 - layout.protected, device=device)
+        if layout.time_minor:
+            return body % layout.frames, body // layout.frames
+        slots = (n0 - layout.protected) // layout.frames
+        return body // slots, body % slots
+
+    def _update_index(self, index: Tensor | None, dest: Tensor, batch: int, tokens: int) -> Tensor:
+        """Compose the index map with one layer's group destinations ``dest`` ``[G, n]``.
+
+        Joint layouts: the index holds each input token's current position. Divided layouts: it holds its
+        slot inside its frame (a token never leaves its frame); :meth:`global_index` turns it into positions.
+        """
+        if self.layout.frames is None:
+            return dest if index is None else torch.where(index >= 0, dest.gather(1, index.clamp(min=0)), -1)
+        p, frames = self.layout.protected, self.layout.frames
+        n0 = tokens if index is None else index.shape[1]
+        frame, first_slot = self._frame_layout(n0, dest.device)
+        body = first_slot.expand(batch, -1) if index is None else index[:, p:]
+        group = torch.arange(batch, device=dest.device).unsqueeze(1) * frames + frame
+        moved = dest.reshape(-1)[group * dest.shape[1] + body.clamp(min=0)]
+        moved = torch.where(body >= 0, moved, -1)
+        head = torch.arange(p, device=dest.device).expand(batch, p)
+        return torch.cat([head, moved], dim=1)
+
+    def global_index(self, index: Tensor | None, tokens: int) -> Tensor | None:
+        """The index map as positions in the current sequence of ``tokens`` tokens: ``[B, N0]``, -1 dropped."""
+        if index is None or self.layout.frames is None:
+            return index
+        p, frames = self.layout.protected, self.layout.frames
+        frame, _ = self._frame_layout(index.shape[1], index.device)
+        body = index[:, p:]
+        slots = (tokens - p) // frames
+        position = p + (body * frames + frame if self.layout.time_minor else frame * slots + body)
+        return torch.cat([index[:, :p], torch.where(body >= 0, position, -1)], dim=1)
 
     def _cap(self, layer: int, r: int, n: int) -> int:
         """``r`` capped at half of ``n`` mergeable tokens, warning once per layer when it is."""
