@@ -428,7 +428,7 @@ def build_manifest(
     about = {
         "model": name,
         "noun_model": cfg.noun_model if isinstance(cfg.noun_model, str) or cfg.noun_model is None else "module",
-        "command": "vtome " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("vtome", "__main__.py") else None,
+        "command": " ".join(["vtome", *sys.argv[1:]]) if "vtome" in Path(sys.argv[0]).parts[-2:] else None,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "vtome": vtome.__version__,
         "torch": torch.__version__,
