@@ -50,15 +50,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def check_output_file(path: str, flag: str) -> None:
-    """``ValueError`` unless ``path`` can be written as a file (checked before any long work)."""
+    """``ValueError`` unless ``path`` can be written as a file (tried before any long work; nothing is
+    truncated, and a file created for the try is removed)."""
     target = os.path.abspath(path)
     parent = os.path.dirname(target)
     if os.path.isdir(target):
         raise ValueError(f"{flag} {path} is a folder; give a file name")
     if not os.path.isdir(parent):
         raise ValueError(f"{flag} {path}: folder {parent} does not exist; create it or choose another path")
-    if not os.access(parent, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
-        raise ValueError(f"{flag} {path}: cannot write there (permission denied); choose another path")
+    existed = os.path.exists(target)
+    try:
+        os.close(os.open(target, os.O_WRONLY | os.O_APPEND | (0 if existed else os.O_CREAT | os.O_EXCL)))
+        if not existed:
+            os.unlink(target)
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write there ({err.strerror or err}); choose another path") from None
 
 
 def _check_bench_options(args: argparse.Namespace, cfg: object) -> None:
@@ -556,7 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return args.func(args)
         except (ValueError, TypeError, FileNotFoundError, MemoryError) as err:
-            print(f"vtome {args.command}: error: {err}", file=sys.stderr)
+            if type(err).__name__ != "ReportedByRankZero":  # under torchrun, process 0 says it once
+                print(f"vtome {args.command}: error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             resume = (

@@ -33,6 +33,7 @@ from vtome.data.video import VideoReadError, dense_indices, list_frames, read_fr
 from vtome.outdir import (
     FORMAT,
     OutputError,
+    ReportedByRankZero,
     RunLock,
     check_manifest,
     file_digest,
@@ -433,7 +434,7 @@ def build_manifest(
         "vtome": vtome.__version__,
         "torch": torch.__version__,
     }
-    return {"format": FORMAT, "settings": settings, "about": about}
+    return json.loads(json.dumps({"format": FORMAT, "settings": settings, "about": about}, default=str))
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -477,10 +478,10 @@ def run_eval(cfg: EvalConfig, on_progress: Callable[[int, int, float | None], No
         try:
             prepare(out)
             lock.acquire()
+            check_manifest(out, manifest)  # first: a folder of other settings is left as it is
             fold_timing(out)  # a killed session's measured time is kept
             for note in repair_predictions(out):
                 warnings.warn(note, EvalWarning, stacklevel=2)
-            check_manifest(out, manifest)
         except (OutputError, OSError) as err:
             lock.release()
             problem = [err if isinstance(err, OutputError) else write_error(out, err)]
@@ -489,7 +490,7 @@ def run_eval(cfg: EvalConfig, on_progress: Callable[[int, int, float | None], No
     if problem[0] is not None:
         if own_group:
             dist.destroy_process_group()
-        raise problem[0] if rank == 0 else OutputError(str(problem[0]))
+        raise problem[0] if rank == 0 else ReportedByRankZero(str(problem[0]))
     try:
         return _evaluate(cfg, out, data, samples, predictor, pre, sampling, rate, views, epic, world, rank, on_progress)
     finally:

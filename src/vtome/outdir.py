@@ -30,6 +30,10 @@ class OutputError(ValueError):
     """The results folder cannot be used as asked; the message says why and what to do."""
 
 
+class ReportedByRankZero(OutputError):
+    """Process 0's error, raised on the other processes of a ``torchrun`` job (process 0 reports it)."""
+
+
 def prediction_files(out: Path) -> list[Path]:
     """The merged file first, then per-process files (newer records win when read in this order)."""
     merged = out / "predictions.jsonl"
@@ -164,7 +168,9 @@ def differences(before: dict, now: dict) -> list[str]:
         if unpatched and key.startswith("merge.") and key != "merge.patched":
             continue
         if a.get(key, "<not set>") != b.get(key, "<not set>"):
-            lines.append(f"{key}: {_short(a.get(key, '<not set>'))} then, {_short(b.get(key, '<not set>'))} now")
+            hint = " (other weights or config; built-in names without weights are random at every load)"
+            hint = hint if key.endswith("fingerprint") else ""
+            lines.append(f"{key}: {_short(a.get(key, '<not set>'))} then, {_short(b.get(key, '<not set>'))} now{hint}")
     return lines
 
 

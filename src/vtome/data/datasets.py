@@ -247,6 +247,8 @@ def _split_path(root: Path, split: str | Path, what: str) -> Path:
     path = Path(split)
     if not path.is_absolute() and not path.exists():
         path = root / path
+    if path.is_dir():
+        raise DatasetError(f"{what} {split} is a folder; --split takes a file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {split} does not exist (looked in . and in {root}); check --split")
     return path
