@@ -398,6 +398,10 @@ def test_cli_reports_user_errors_without_traceback(root, model_dir, tmp_path, ca
     assert "is a file, not a folder" in capsys.readouterr().err
     assert main([*base, "--limit", "0"]) == 2 and "--limit must be" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "big"), "--batch-size", "100000"]) == 0  # more than the videos: fine
+    sweep = ["sweep", "--model", str(model_dir), "--dataset", "folder", "--root", str(root), "--r", "0,2"]
+    assert main([*sweep, "--start-layers", "0,99", "--out", str(tmp_path / "sw")]) == 2
+    assert "start_layer must be an int in [0, 3]; got 99" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()  # refused before the baseline was evaluated
     assert main(["bench", "--model", str(model_dir), "--threads", "-2"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
 

@@ -298,10 +298,11 @@ def model_identity(model: nn.Module, name: str | nn.Module) -> dict:
     return {"class": type(model).__name__, "fingerprint": h.hexdigest()[:16]}
 
 
-def apply_merge(model: nn.Module, cfg: EvalConfig) -> dict:
+def apply_merge(model: nn.Module, cfg: EvalConfig, keep: bool = True) -> dict:
     """Patch ``model`` as ``cfg`` asks (``r != 0``) and return every merge setting (all fields of
-    :class:`vtome.MergeSettings`, plus ``patched``). For ``r == 0`` the model stays unpatched and the
-    settings are those a patch would have used (a patch is made, read and undone, which also checks them)."""
+    :class:`vtome.MergeSettings`, plus ``patched``). For ``r == 0`` (or ``keep=False``) the model is left
+    unpatched and the settings are those a patch would have used (a patch is made, read and undone, which
+    also checks them)."""
     from vtome.models import adapter_for
 
     kwargs = {**cfg.merge_settings(), "seed": 0}
@@ -313,7 +314,7 @@ def apply_merge(model: nn.Module, cfg: EvalConfig) -> dict:
         return {"patched": False, **kwargs}  # a model vtome cannot patch, evaluated as it is
     vtome.patch(model, **kwargs)
     settings = dataclasses.asdict(vtome.settings(model))
-    if cfg.r == 0:
+    if cfg.r == 0 or not keep:
         vtome.unpatch(model)
     return {"patched": cfg.r != 0, **settings}
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import vtome
-from vtome.evaluate import EvalConfig, model_identity, run_eval
+from vtome.evaluate import EvalConfig, apply_merge, model_identity, run_eval
 from vtome.flops import last_run_flops
 from vtome.outdir import RunLock, prepare, write_error
 from vtome.state import CapWarning
@@ -158,6 +158,11 @@ def run_sweep(
         configs.append((setting, merging, dataclasses.replace(cfg, out=str(out / folder_name(cfg)))))
     for _, _, cfg in configs:
         cfg.validate()
+    from vtome.zoo import load_model
+
+    probe = base.model if isinstance(base.model, torch.nn.Module) else load_model(base.model)
+    for _, _, cfg in configs:  # every setting checked before the first evaluation
+        apply_merge(probe, cfg, keep=False)
     if rank == 0:
         prepare(out)
         lock.acquire()
