@@ -387,6 +387,9 @@ def test_cli_reports_user_errors_without_traceback(root, model_dir, tmp_path, ca
     (ssv2 / "labels.json").write_text('{"Holding something": "0",\n "Pushing something": zero}')
     assert main([*common, str(ssv2)]) == 2
     assert "labels.json:2:23: labels.json is not valid JSON" in capsys.readouterr().err
+    (ssv2 / "labels.json").write_text('{\n "Holding something": "0",\n "Pushing something": "first"\n}')
+    assert main([*common, str(ssv2)]) == 2
+    assert "labels.json:3: class 'Pushing something' has index 'first'" in capsys.readouterr().err
     (ssv2 / "labels.json").write_text('{"Holding something": "0"}')
     (ssv2 / "validation.json").write_text('[\n  {"id": "1", "template": "Holding [something]"},\n  {"label": "x"}\n]')
     assert main([*common, str(ssv2)]) == 2

@@ -233,14 +233,25 @@ def _read_label_names(path: Path) -> list[str]:
 
 def _label_index(data: dict, path: Path) -> dict[str, int]:
     """``{name: index}`` with integer indices >= 0 (JSON strings of digits accepted, as SSv2 has them)."""
-    index = {}
+    index: dict[str, int] = {}
+    owner: dict[int, str] = {}
     for name, value in data.items():
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
-            raise DatasetError(f"{path}: class {name!r} has index {value!r}; expected an integer >= 0")
+            raise DatasetError(f"{_where(path, name)}: class {name!r} has index {value!r}; expected an integer >= 0")
         index[name] = int(value)
-    if len(set(index.values())) < len(index):
-        raise DatasetError(f"{path}: two classes share an index")
+        if int(value) in owner:
+            raise DatasetError(f"{_where(path, name)}: classes {owner[int(value)]!r} and {name!r} share index {value}")
+        owner[int(value)] = name
     return index
+
+
+def _where(path: Path, key: str) -> str:
+    """``file:line`` of the first line holding the JSON key ``key`` (``file`` if it is not found)."""
+    text = _text(path, "the labels file")
+    at = text.find(json.dumps(key))
+    if at < 0:
+        at = text.find(json.dumps(key, ensure_ascii=False))
+    return f"{path}:{text.count(chr(10), 0, at) + 1}" if at >= 0 else str(path)
 
 
 def _split_path(root: Path, split: str | Path, what: str) -> Path:
