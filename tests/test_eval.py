@@ -271,7 +271,8 @@ def test_sweep_writes_csv_and_plot(k400, tmp_path):
     ]
     assert float(rows[0]["flop_ratio"]) == 1.0 and float(rows[2]["flop_ratio"]) > float(rows[1]["flop_ratio"]) > 1
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "merge_r2_s0" / "summary.json").exists()
+    assert Path(rows[1]["out"]).parent == out and Path(rows[1]["out"]).name.startswith("merge_r2_s0-")
+    assert json.loads((Path(rows[1]["out"]) / "summary.json").read_text())["merge"]["r"] == 2
     only = tmp_path / "only"
     assert (
         main(
@@ -293,32 +294,25 @@ def test_sweep_writes_csv_and_plot(k400, tmp_path):
         )
         == 0
     )
-    summary = json.loads((only / "merge_r2_s0_l2" / "summary.json").read_text())
-    assert summary["merge"]["layers"] == [2]
+    folder = list(csv.DictReader((only / "sweep.csv").open()))[1]["out"]
+    assert Path(folder).name.startswith("merge_r2_s0_l2-")
+    assert json.loads((Path(folder) / "summary.json").read_text())["merge"]["layers"] == [2]
 
 
-def test_two_processes_equal_one(k400, tmp_path):
+def test_readme_torchrun_command_equals_one_process(k400, tmp_path):
+    """The README's multi-process form, `torchrun --nproc-per-node 2 -m vtome -- eval ... --r N`, runs (without
+    the `--`, torchrun's own parser rejects `--r` as an ambiguous abbreviation of its options) and gives the
+    same predictions as one process."""
     model_dir = tmp_path / "m"
     tiny("videomae", image_size=32, num_labels=4).save_pretrained(model_dir)
-    base = [
-        sys.executable,
-        "-m",
-        "vtome",
-        "eval",
-        "--model",
-        str(model_dir),
-        "--dataset",
-        "k400",
-        "--root",
-        str(k400),
-        "--batch-size",
-        "1",
-    ]
+    args = ["eval", "--model", str(model_dir), "--dataset", "k400", "--root", str(k400), "--batch-size", "1"]
+    args += ["--r", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*base, "--out", str(tmp_path / "one")], check=True, env=env, capture_output=True)
+    one = [sys.executable, "-m", "vtome", *args, "--out", str(tmp_path / "one")]
+    subprocess.run(one, check=True, env=env, capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
     result = subprocess.run(
-        [*torchrun, "-m", "vtome", *base[3:], "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True
+        [*torchrun, "-m", "vtome", "--", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
     one = (tmp_path / "one" / "predictions.jsonl").read_text()
@@ -328,3 +322,4 @@ def test_two_processes_equal_one(k400, tmp_path):
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s1["top1"] == s2["top1"] and s1["per_class_accuracy"] == s2["per_class_accuracy"]
+    assert s2["merge"]["r"] == 2 and s2["merge"]["patched"] is True

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 
@@ -51,7 +53,60 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench)
 
 
+def check_output_file(path: str, flag: str) -> None:
+    """``ValueError`` unless ``path`` can be written as a file (tried before any long work; nothing is
+    truncated, and a file created for the try is removed)."""
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: folder {parent} does not exist; create it or choose another path")
+    existed = os.path.exists(target)
+    try:
+        os.close(os.open(target, os.O_WRONLY | os.O_APPEND | (0 if existed else os.O_CREAT | os.O_EXCL)))
+        if not existed:
+            os.unlink(target)
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write there ({err.strerror or err}); choose another path") from None
+
+
+def _check_bench_options(args: argparse.Namespace, cfg: object) -> None:
+    """Options ``BenchConfig.validate`` leaves to the run, checked before loading anything."""
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1 (torch CPU threads); got {args.threads}")
+    if args.start_layer < 0:
+        raise ValueError(f"--start-layer must be >= 0; got {args.start_layer}")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, flag)
+    from vtome.zoo import load_config
+
+    config = load_config(args.model)
+    if config is None:
+        return
+    import torch
+
+    from vtome.bench import DTYPES
+
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    per_clip = config.num_frames * config.num_channels * size * size * DTYPES[cfg.dtype].itemsize
+    if cfg.device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(cfg.device)).total_memory
+    else:
+        from vtome.evaluate import _physical_memory
+
+        total = _physical_memory()
+    need = max(cfg.batch_sizes) * per_clip * 2
+    if total and need > total // 2:
+        raise ValueError(
+            f"--batch-size {max(cfg.batch_sizes)} needs at least {need / 2**30:.1f} GiB for its input clips alone "
+            f"({cfg.device} has {total / 2**30:.1f} GiB); use smaller batch sizes"
+        )
+
+
 def _bench(args: argparse.Namespace) -> int:
+    import torch
     import transformers
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -78,6 +133,7 @@ def _bench(args: argparse.Namespace) -> int:
         divided=args.divided,
     )
     cfg.validate()
+    _check_bench_options(args, cfg)
     transformers.utils.logging.disable_progress_bar()
     console = Console(stderr=True)
     with Progress(
@@ -89,7 +145,14 @@ def _bench(args: argparse.Namespace) -> int:
         transient=True,
     ) as progress:
         task = progress.add_task("loading", total=total_forwards(cfg))
-        report = run_benchmark(cfg, on_step=lambda label: progress.update(task, advance=1, description=label))
+        try:
+            report = run_benchmark(cfg, on_step=lambda label: progress.update(task, advance=1, description=label))
+        except RuntimeError as err:
+            if isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err):
+                raise MemoryError(
+                    f"out of memory at --batch-size {','.join(map(str, cfg.batch_sizes))}; use smaller batch sizes"
+                ) from None
+            raise
     m = report["machine"]
     out = Console(width=None if Console().is_terminal else 160)
     out.print(
@@ -434,6 +497,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in ("merge", "drop", "random_merge", "random_drop", "hybrid")]
+    if any(r < 0 for r in args.r):
+        raise ValueError(f"--r values must be >= 0 (0 is the unpatched baseline); got {args.r}")
     if bad or not modes or not args.r:
         raise ValueError(
             f"--modes must list merge, drop, random_merge, random_drop or hybrid and --r at least one "
@@ -583,13 +648,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; user errors print ``vtome CMD: error: ...`` and return 2 (no traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m vtome -- eval ...` (see README): the separator may reach us
+        argv = argv[1:]
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"vtome {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = functools.partial(_show_warning, args.command, set())
+        try:
+            return args.func(args)
+        except (ValueError, TypeError, FileNotFoundError, MemoryError) as err:
+            if type(err).__name__ != "ReportedByRankZero":  # under torchrun, process 0 says it once
+                print(f"vtome {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            resume = (
+                " (finished work is kept: run the same command again to resume)"
+                if args.command in ("eval", "sweep")
+                else ""
+            )
+            print(f"vtome {args.command}: interrupted{resume}", file=sys.stderr)
+            return 130
+        except OSError as err:  # last resort: an OS error no check caught (the message names the file)
+            where = f" {err.filename}:" if err.filename else ""
+            print(f"vtome {args.command}: error:{where} {err.strerror or err}", file=sys.stderr)
+            return 2
+
+
+def _show_warning(
+    command: str,
+    shown: set[str],
+    message: Warning | str,
+    category: type,
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """vtome's own warnings as ``vtome CMD: warning: ...``; others as Python prints them."""
+    if category.__module__.startswith("vtome"):
+        if str(message) not in shown:  # a sweep reads its dataset once per setting: say it once
+            shown.add(str(message))
+            print(f"vtome {command}: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
 
 
 if __name__ == "__main__":

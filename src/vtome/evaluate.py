@@ -1,14 +1,20 @@
 """``vtome eval``: accuracy (and throughput) of a model, merged or not, on a video dataset.
 
 Results are written as they go, one JSON line per video, so an interrupted run resumes where it stopped
-(``--out`` is read back first). Unreadable videos are recorded with their error and skipped. Under
-``torchrun`` each process takes a shard (gloo backend on CPU) and process 0 gathers one result.
+(``--out`` is read back first). ``--out`` also holds a manifest of everything that determines a
+prediction; resuming with other settings is refused, as is a second run writing the same folder at the
+same time (see :mod:`vtome.outdir`). Every option and label is checked before anything is evaluated.
+Unreadable videos are recorded with their reason and the run goes on. Under ``torchrun`` each process
+takes a shard (gloo backend on CPU) and process 0 gathers one result.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -21,15 +27,36 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import vtome
-from vtome.data.datasets import Dataset, Sample, read_dataset
+from vtome.data.datasets import DATASETS, Dataset, DatasetError, Sample, read_dataset
 from vtome.data.transforms import Preprocess, preprocess_for
-from vtome.data.video import dense_indices, list_frames, read_frames, read_video, segment_indices
+from vtome.data.video import VideoReadError, dense_indices, list_frames, read_frames, sample_video, segment_indices
+from vtome.outdir import (
+    FORMAT,
+    OutputError,
+    ReportedByRankZero,
+    RunLock,
+    check_manifest,
+    file_digest,
+    fold_timing,
+    prediction_files,
+    prepare,
+    read_records,
+    repair_predictions,
+    throughput,
+    write_error,
+    write_timing,
+)
 from vtome.state import CapWarning, RSetting
+
+
+class EvalWarning(UserWarning):
+    """Something the user should know before trusting an evaluation (e.g. how classes were numbered)."""
 
 
 @dataclass
 class EvalConfig:
-    """What to evaluate. ``views`` is ``"TxS"``: T temporal clips x S spatial crops, scores averaged."""
+    """What to evaluate. ``views`` is ``"TxS"``: T temporal clips x S spatial crops, scores averaged.
+    ``extra`` holds further :func:`vtome.patch` keyword arguments (e.g. ``{"order": "spatial"}``)."""
 
     model: str | nn.Module
     dataset: str
@@ -48,15 +75,16 @@ class EvalConfig:
     workers: int = 0
     sampling: str | None = None  # dense | segment; default per dataset
     sampling_rate: int | None = None  # dense sampling stride; default 64 // num_frames
-    noun_model: str | None = None  # EPIC: a second model for nouns
+    noun_model: str | nn.Module | None = None  # EPIC: a second model for nouns
     verb_classes: int | None = None  # EPIC: one model whose logits are [verbs | nouns]
     limit: int | None = None  # first N videos only
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
     def view_counts(self) -> tuple[int, int]:
+        """``(temporal clips, spatial crops)`` from ``views``."""
         try:
-            t, s = (int(v) for v in self.views.lower().split("x"))
+            t, s = (int(v) for v in str(self.views).lower().split("x"))
         except ValueError:
             raise ValueError(
                 f"--views must look like 1x1 or 2x3 (temporal clips x spatial crops); got {self.views!r}"
@@ -65,7 +93,49 @@ class EvalConfig:
             raise ValueError(f"--views needs at least one clip and one crop; got {self.views!r}")
         return t, s
 
+    def validate(self) -> None:
+        """Check the options on their own (``ValueError`` naming the option); data and model come later."""
+
+        def whole(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        self.view_counts()
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}; got {self.dataset!r}")
+        if not whole(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"--batch-size must be an integer >= 1 (videos per forward); got {self.batch_size!r}")
+        if not whole(self.workers) or self.workers < 0:
+            raise ValueError(
+                f"--workers must be an integer >= 0 (decoding processes; 0 decodes inline); got {self.workers!r}"
+            )
+        if self.limit is not None and (not whole(self.limit) or self.limit < 1):
+            raise ValueError(f"--limit must be an integer >= 1 (evaluate the first N videos); got {self.limit!r}")
+        if self.sampling not in (None, "dense", "segment"):
+            raise ValueError(f"--sampling must be dense or segment; got {self.sampling!r}")
+        if self.sampling_rate is not None and (not whole(self.sampling_rate) or self.sampling_rate < 1):
+            raise ValueError(
+                f"--sampling-rate must be an integer >= 1 (frames between sampled frames); got {self.sampling_rate!r}"
+            )
+        if self.sampling_rate is not None and self.sampling == "segment":
+            raise ValueError(
+                "--sampling-rate applies to dense sampling; segment sampling spreads frames over the video"
+            )
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ValueError(f"--threshold must be a number in [-1, 1]; got {self.threshold!r}")
+        if not str(self.out).strip():
+            raise ValueError("--out must name a folder")
+        if self.dataset != "epic" and (self.verb_classes is not None or self.noun_model is not None):
+            raise ValueError("--verb-classes and --noun-model are for --dataset epic only")
+        if self.verb_classes is not None and self.noun_model is not None:
+            raise ValueError(
+                "pass either --noun-model (a second model for nouns) or --verb-classes (one model whose first N "
+                "logits are verbs), not both"
+            )
+        if self.verb_classes is not None and (not whole(self.verb_classes) or self.verb_classes < 1):
+            raise ValueError(f"--verb-classes must be an integer >= 1; got {self.verb_classes!r}")
+
     def merge_settings(self) -> dict:
+        """The merge options as given (before the model's defaults are filled in)."""
         return {
             "r": self.r,
             "mode": self.mode,
@@ -73,6 +143,7 @@ class EvalConfig:
             "threshold": self.threshold,
             "start_layer": self.start_layer,
             "layers": self.layers,
+            **self.extra,
         }
 
 
@@ -88,46 +159,43 @@ class ClipLoader(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
             return i, load_views(self.samples[i], self.preprocess, self.sampling, self.rate, self.views), None
+        except VideoReadError as err:
+            return i, None, str(err)
         except Exception as err:  # noqa: BLE001 - any unreadable video is recorded, not fatal
-            return i, None, f"{type(err).__name__}: {err}"
+            return i, None, f"{self.samples[i].path}: {type(err).__name__}: {err}"
 
 
 def load_views(sample: Sample, pre: Preprocess, sampling: str, rate: int, views: tuple[int, int]) -> torch.Tensor:
-    """All views of one sample: ``[T_views * S_views, frames, 3, crop, crop]``."""
+    """All views of one sample: ``[T_views * S_views, frames, 3, crop, crop]``. Only the sampled frames are
+    decoded and kept."""
+    t_views, s_views = views
+
+    def pick(total: int) -> list[int]:
+        idx: list[int] = []
+        for tv in range(t_views):
+            if sampling == "segment":
+                idx += segment_indices(total, pre.num_frames, tv, t_views)
+            else:
+                idx += dense_indices(total, pre.num_frames, rate, tv, t_views)
+        return idx
+
     path = Path(sample.path)
     if path.is_file():
-        video = read_video(path)
-        total, get = len(video), lambda idx: video[idx]
-    else:
+        frames = sample_video(path, pick)
+    elif path.is_dir():
         if sample.start is not None:
             files = [path / f"frame_{i:010d}.jpg" for i in range(sample.start, sample.stop + 1)]
         else:
             files = list_frames(path)
-        total, get = len(files), lambda idx: read_frames(files, idx)
-    t_views, s_views = views
+        frames = read_frames(files, pick(len(files)))
+    else:
+        raise VideoReadError(f"{path}: no such video file or frame folder")
     out = []
     for tv in range(t_views):
-        if sampling == "segment":
-            idx = segment_indices(total, pre.num_frames, tv, t_views)
-        else:
-            idx = dense_indices(total, pre.num_frames, rate, tv, t_views)
-        frames = get(idx)
+        clip = frames[tv * pre.num_frames : (tv + 1) * pre.num_frames]
         for sv in range(s_views):
-            out.append(pre(frames, 0.5 if s_views == 1 else sv / (s_views - 1)))
+            out.append(pre(clip, 0.5 if s_views == 1 else sv / (s_views - 1)))
     return torch.stack(out)
-
-
-def _read_done(out: Path) -> dict[str, dict]:
-    """Predictions already written under ``out`` (merged file and per-process files); torn lines skipped."""
-    done: dict[str, dict] = {}
-    for path in sorted(out.glob("predictions*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-                done[record["id"]] = record
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return done
 
 
 def _top5(probs: torch.Tensor) -> list[list]:
@@ -146,7 +214,7 @@ class _Predictor:
                 "EPIC-KITCHENS needs verb and noun scores: pass --noun-model (a second model) or "
                 "--verb-classes N (one model whose first N logits are verbs, the rest nouns)"
             )
-        self.seconds = 0.0
+        self.seconds, self.clips = 0.0, 0
 
     def _probs(self, model: nn.Module, x: torch.Tensor, views: int) -> torch.Tensor:
         logits = model(pixel_values=x).logits.float()
@@ -157,18 +225,27 @@ class _Predictor:
         b, v = clips.shape[:2]
         x = clips.flatten(0, 1)
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CapWarning)
-            if not self.epic:
-                probs = self._probs(self.model, x, v)
-            elif self.noun_model is not None:
-                verb, noun = self._probs(self.model, x, v), self._probs(self.noun_model, x, v)
-            else:
-                logits = self.model(pixel_values=x).logits.float()
-                split = self.verb_classes
-                verb = logits[:, :split].softmax(-1).view(b, v, -1).mean(1)
-                noun = logits[:, split:].softmax(-1).view(b, v, -1).mean(1)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CapWarning)
+                if not self.epic:
+                    probs = self._probs(self.model, x, v)
+                elif self.noun_model is not None:
+                    verb, noun = self._probs(self.model, x, v), self._probs(self.noun_model, x, v)
+                else:
+                    logits = self.model(pixel_values=x).logits.float()
+                    split = self.verb_classes
+                    verb = logits[:, :split].softmax(-1).view(b, v, -1).mean(1)
+                    noun = logits[:, split:].softmax(-1).view(b, v, -1).mean(1)
+        except RuntimeError as err:
+            if isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err):
+                raise MemoryError(
+                    f"out of memory in a forward of {b} videos x {v} views: lower --batch-size (or --views). "
+                    "Predictions finished so far are kept; run again to resume"
+                ) from None
+            raise
         self.seconds += time.perf_counter() - start
+        self.clips += b
         records = []
         for i, s in enumerate(samples):
             if not self.epic:
@@ -190,62 +267,272 @@ class _Predictor:
         return records
 
 
-def _load(model: str | nn.Module, cfg: EvalConfig) -> tuple[nn.Module, str | None]:
+# -- model and settings -----------------------------------------------------------------------------
+
+
+def _load(model: str | nn.Module) -> tuple[nn.Module, str | None]:
     from vtome.zoo import load_model, model_source
 
     if isinstance(model, nn.Module):
-        net, source = model.eval(), None
+        return model.eval(), None
+    return load_model(model), model_source(model)
+
+
+def model_identity(model: nn.Module, name: str | nn.Module) -> dict:
+    """``{class, fingerprint}``: a hash of the config (minus paths and versions) and of every weight tensor's
+    name, shape, dtype and up to 256 evenly spaced values (any retraining changes it)."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        described = {
+            k: v
+            for k, v in config.to_dict().items()
+            if k not in ("transformers_version", "_name_or_path", "_attn_implementation_autoset")
+        }
+        h.update(json.dumps(described, sort_keys=True, default=str).encode())
+    for key, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 256)
+        h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(flat[::step][:256].float().cpu().numpy().tobytes())
+    return {"class": type(model).__name__, "fingerprint": h.hexdigest()[:16]}
+
+
+def apply_merge(model: nn.Module, cfg: EvalConfig, keep: bool = True) -> dict:
+    """Patch ``model`` as ``cfg`` asks (``r != 0``) and return every merge setting (all fields of
+    :class:`vtome.MergeSettings`, plus ``patched``). For ``r == 0`` (or ``keep=False``) the model is left
+    unpatched and the settings are those a patch would have used (a patch is made, read and undone, which
+    also checks them)."""
+    from vtome.models import adapter_for
+
+    kwargs = {**cfg.merge_settings(), "seed": 0}
+    try:
+        adapter_for(model)
+    except TypeError:
+        if cfg.r != 0:
+            raise
+        return {"patched": False, **kwargs}  # a model vtome cannot patch, evaluated as it is
+    vtome.patch(model, **kwargs)
+    settings = dataclasses.asdict(vtome.settings(model))
+    if cfg.r == 0 or not keep:
+        vtome.unpatch(model)
+    return {"patched": cfg.r != 0, **settings}
+
+
+def _num_labels(model: nn.Module) -> int | None:
+    n = getattr(getattr(model, "config", None), "num_labels", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def _label2id(model: nn.Module) -> dict[str, int] | None:
+    config = getattr(model, "config", None)
+    id2label = getattr(config, "id2label", None)
+    if isinstance(id2label, dict) and id2label:
+        return {str(v): int(k) for k, v in id2label.items()}
+    return None
+
+
+def check_labels(
+    samples: list[Sample], model: nn.Module, noun_model: nn.Module | None, cfg: EvalConfig, epic: bool
+) -> None:
+    """Every label within the model's classes (EPIC: verbs and nouns within their parts of the logits);
+    ``DatasetError`` naming the file and line of the first bad ones otherwise."""
+    n = _num_labels(model)
+    if n is None:
+        return
+    if not epic:
+        checks = [("label", n, "the model has {n} classes (0..{last})")]
+    elif noun_model is not None:
+        m = _num_labels(noun_model) or sys.maxsize
+        checks = [
+            ("verb", n, "the verb model has {n} classes (0..{last})"),
+            ("noun", m, "the noun model has {n} classes (0..{last})"),
+        ]
     else:
-        net, source = load_model(model), model_source(model)
-    if cfg.r != 0:
-        vtome.patch(
-            net,
-            r=cfg.r,
-            mode=cfg.mode,
-            prop_attn=cfg.prop_attn,
-            threshold=cfg.threshold,
-            start_layer=cfg.start_layer,
-            layers=cfg.layers,
-            seed=0,
+        if cfg.verb_classes >= n:
+            raise ValueError(
+                f"--verb-classes {cfg.verb_classes} leaves no noun classes: the model has {n} logits, the first "
+                "--verb-classes of them verbs and the rest nouns; pass the number of verb classes "
+                "(EPIC-KITCHENS-100: 97)"
+            )
+        checks = [
+            ("verb", cfg.verb_classes, "--verb-classes gives {n} verb classes (0..{last})"),
+            ("noun", n - cfg.verb_classes, "the model's {n} logits after --verb-classes are nouns (0..{last})"),
+        ]
+    for key, limit, what in checks:
+        bad = [s for s in samples if not 0 <= getattr(s, key) < limit]
+        if bad:
+            first = bad[0]
+            raise DatasetError(
+                f"{first.where or first.id}: {key} {getattr(first, key)} of {first.id} is out of range: "
+                + what.format(n=limit, last=limit - 1)
+                + (f"; {len(bad) - 1} more labels are out of range" if len(bad) > 1 else "")
+                + ". Check the split file against the model's classes"
+            )
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(batch: int, views: tuple[int, int], pre: Preprocess) -> None:
+    """``ValueError`` when one batch of input clips alone would not fit in this machine's memory."""
+    total = _physical_memory()
+    need = batch * views[0] * views[1] * pre.num_frames * 3 * pre.crop * pre.crop * 4 * 2  # clips and their copy
+    if total and need > total // 2:
+        raise ValueError(
+            f"--batch-size {batch} with --views {views[0]}x{views[1]} needs at least {need / 2**30:.1f} GiB for its "
+            f"input clips alone (this machine has {total / 2**30:.1f} GiB); use a smaller --batch-size"
         )
-    return net, source
+
+
+def build_manifest(
+    cfg: EvalConfig,
+    model: nn.Module,
+    merge: dict,
+    noun_model: nn.Module | None,
+    data: Dataset,
+    pre: Preprocess,
+    sampling: str,
+    rate: int | None,
+    identity: dict,
+    noun_identity: dict | None,
+) -> dict:
+    """``settings`` (compared on resume: everything that determines a prediction) and ``about`` (for people)."""
+    t, s = cfg.view_counts()
+    settings = {
+        "model": identity,
+        "merge": merge,
+        "input": {
+            "num_frames": pre.num_frames,
+            "resize": pre.resize,
+            "crop": pre.crop,
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+            "sampling": sampling,
+            "sampling_rate": rate if sampling == "dense" else None,
+            "views": f"{t}x{s}",
+        },
+        "data": {
+            "dataset": cfg.dataset,
+            "root": str(Path(cfg.root).resolve()),
+            "files": {str(p.resolve()): file_digest(p) for p in data.files},
+            "label_source": data.label_source,
+            "classes": hashlib.sha256(json.dumps(data.classes).encode()).hexdigest()[:16],
+        },
+    }
+    if data.name == "epic":
+        settings["epic"] = {"verb_classes": cfg.verb_classes, "noun_model": noun_identity}
+    name = cfg.model if isinstance(cfg.model, str) else type(cfg.model).__name__
+    about = {
+        "model": name,
+        "noun_model": cfg.noun_model if isinstance(cfg.noun_model, str) or cfg.noun_model is None else "module",
+        "command": " ".join(["vtome", *sys.argv[1:]]) if "vtome" in Path(sys.argv[0]).parts[-2:] else None,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "vtome": vtome.__version__,
+        "torch": torch.__version__,
+    }
+    return json.loads(json.dumps({"format": FORMAT, "settings": settings, "about": about}, default=str))
+
+
+# -- the run ----------------------------------------------------------------------------------------
 
 
 def run_eval(cfg: EvalConfig, on_progress: Callable[[int, int, float | None], None] | None = None) -> dict:
     """Evaluate; returns the summary (also written to ``out/summary.json``)."""
+    cfg.validate()
     views = cfg.view_counts()
-    data = read_dataset(cfg.dataset, cfg.root, cfg.split, cfg.labels)
-    samples = data.samples[: cfg.limit] if cfg.limit else data.samples
-    model, source = _load(cfg.model, cfg)
-    noun_model = _load(cfg.noun_model, cfg)[0] if cfg.noun_model else None
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    model, source = _load(cfg.model)
+    identity = model_identity(model, cfg.model)
+    merge = apply_merge(model, cfg)
+    noun_model = noun_identity = None
+    if cfg.noun_model is not None:
+        noun_model = _load(cfg.noun_model)[0]
+        noun_identity = model_identity(noun_model, cfg.noun_model)
+        apply_merge(noun_model, cfg)
+    data = read_dataset(cfg.dataset, cfg.root, cfg.split, cfg.labels, label2id=_label2id(model))
+    if rank == 0:
+        for note in data.notes:
+            warnings.warn(note, EvalWarning, stacklevel=2)
+    samples = data.samples[: cfg.limit] if cfg.limit is not None else data.samples
     epic = data.name == "epic"
     predictor = _Predictor(cfg, model, noun_model, epic)
+    check_labels(samples, model, noun_model, cfg, epic)
     pre = preprocess_for(model, source)
     sampling = cfg.sampling or data.sampling
-    if sampling not in ("dense", "segment"):
-        raise ValueError(f"--sampling must be dense or segment; got {sampling!r}")
     rate = cfg.sampling_rate or max(1, 64 // pre.num_frames)
+    check_memory(min(cfg.batch_size, len(samples)), views, pre)
+    manifest = build_manifest(cfg, model, merge, noun_model, data, pre, sampling, rate, identity, noun_identity)
 
     own_group = False
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
         own_group = True
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, "vtome eval")
+    problem: list = [None]
+    if rank == 0:
+        try:
+            prepare(out)
+            lock.acquire()
+            check_manifest(out, manifest)  # first: a folder of other settings is left as it is
+            fold_timing(out)  # a killed session's measured time is kept
+            for note in repair_predictions(out):
+                warnings.warn(note, EvalWarning, stacklevel=2)
+        except (OutputError, OSError) as err:
+            lock.release()
+            problem = [err if isinstance(err, OutputError) else write_error(out, err)]
+    if world > 1:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        if own_group:
+            dist.destroy_process_group()
+        raise problem[0] if rank == 0 else ReportedByRankZero(str(problem[0]))
+    try:
+        return _evaluate(cfg, out, data, samples, predictor, pre, sampling, rate, views, epic, world, rank, on_progress)
+    finally:
+        lock.release()
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _evaluate(
+    cfg: EvalConfig,
+    out: Path,
+    data: Dataset,
+    samples: list[Sample],
+    predictor: _Predictor,
+    pre: Preprocess,
+    sampling: str,
+    rate: int,
+    views: tuple[int, int],
+    epic: bool,
+    world: int,
+    rank: int,
+    on_progress: Callable[[int, int, float | None], None] | None,
+) -> dict:
     if world > 1:
         dist.barrier()
-    done = _read_done(out)
-    todo = [s for s in samples[rank::world] if s.id not in done]
+    done = read_records(out)
+    _check_done_labels(done, data.samples, out)
+    todo = [s for s in samples[rank::world] if s.id not in done or "error" in done[s.id]]  # failures are retried
     loader = torch.utils.data.DataLoader(
         ClipLoader(todo, pre, sampling, rate, views),
-        batch_size=cfg.batch_size,
+        batch_size=max(1, min(cfg.batch_size, len(todo))),
         num_workers=cfg.workers,
         collate_fn=list,
     )
     mine = out / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
     hits, seen = [], 0
-    with mine.open("a") as f:
+    try:
+        f = mine.open("a")
+    except OSError as err:
+        raise write_error(mine, err) from None
+    with f:
         if on_progress:
             on_progress(0, len(todo), None)
         for batch in loader:
@@ -253,28 +540,34 @@ def run_eval(cfg: EvalConfig, on_progress: Callable[[int, int, float | None], No
             records = [{"id": todo[i].id, **_labels(todo[i]), "error": err} for i, _, err in batch if err is not None]
             if good:
                 records += predictor(torch.stack([c for _, c in good]), [s for s, _ in good])
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-                if "error" not in record:
-                    hits.append(_correct(record))
-            f.flush()
+            try:
+                f.write("".join(json.dumps(record) + "\n" for record in records))
+                f.flush()
+            except OSError as err:
+                raise write_error(mine, err) from None
+            write_timing(out, rank, predictor.clips, predictor.seconds)
+            hits += [_correct(r) for r in records if "error" not in r]
             seen += len(batch)
             if on_progress:
                 on_progress(seen, len(todo), sum(hits) / len(hits) if hits else None)
-    evaluated = len(hits)
-    throughput = evaluated / predictor.seconds if predictor.seconds > 0 else None
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (evaluated, predictor.seconds))
-        total_seconds = max(s for _, s in gathered)
-        throughput = sum(n for n, _ in gathered) / total_seconds if total_seconds > 0 else None
-    if rank == 0:
-        _finalize(out, data, samples, throughput, cfg, epic)
     if world > 1:
         dist.barrier()
-        if own_group:
-            dist.destroy_process_group()
+    if rank == 0:
+        _finalize(out, data, samples, cfg, epic)
+    if world > 1:
+        dist.barrier()
     return json.loads((out / "summary.json").read_text())
+
+
+def _check_done_labels(done: dict[str, dict], samples: list[Sample], out: Path) -> None:
+    changed = [s for s in samples if s.id in done and any(done[s.id].get(k) != v for k, v in _labels(s).items())]
+    if changed:
+        s = changed[0]
+        raise OutputError(
+            f"{out} holds predictions whose labels differ from the dataset's now ({len(changed)} videos, e.g. "
+            f"{s.id}: {_labels(s)} now, {dict((k, done[s.id].get(k)) for k in _labels(s))} then); use another "
+            f"--out, or delete {out} to start over"
+        )
 
 
 def _labels(s: Sample) -> dict:
@@ -287,28 +580,41 @@ def _correct(record: dict) -> bool:
     return record["action_top5"][0][0] == [record["verb"], record["noun"]]
 
 
-def _finalize(
-    out: Path, data: Dataset, samples: list[Sample], throughput: float | None, cfg: EvalConfig, epic: bool
-) -> None:
-    """Merge per-process files into ``predictions.jsonl`` (dataset order) and write ``summary.json``."""
-    done = _read_done(out)
-    ordered = [done[s.id] for s in samples if s.id in done]
+def _finalize(out: Path, data: Dataset, samples: list[Sample], cfg: EvalConfig, epic: bool) -> None:
+    """Merge per-process files into ``predictions.jsonl`` (dataset order; records of videos outside this
+    run's ``--limit`` are kept) and write ``summary.json`` over this run's videos."""
+    done = read_records(out)
+    position = {s.id: i for i, s in enumerate(data.samples)}
+    ids = sorted(done, key=lambda i: position.get(i, len(position)))
     tmp = out / "predictions.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
-    tmp.replace(out / "predictions.jsonl")
-    for path in out.glob("predictions.rank*.jsonl"):
-        path.unlink()
+    try:
+        tmp.write_text("".join(json.dumps(done[i]) + "\n" for i in ids))
+        tmp.replace(out / "predictions.jsonl")
+        for path in prediction_files(out)[1:]:
+            path.unlink()
+        fold_timing(out)
+    except OSError as err:
+        raise write_error(tmp, err) from None
+    ordered = [done[s.id] for s in samples if s.id in done]
     ok = [r for r in ordered if "error" not in r]
+    speed, timed = throughput(out)
+    manifest = json.loads((out / "manifest.json").read_text())
     summary: dict = {
-        "model": cfg.model if isinstance(cfg.model, str) else type(cfg.model).__name__,
+        "model": manifest["about"]["model"],
+        "model_fingerprint": manifest["settings"]["model"]["fingerprint"],
         "dataset": data.name,
         "num_videos": len(samples),
         "num_evaluated": len(ok),
         "num_failed": len(ordered) - len(ok),
         "num_missing": len(samples) - len(ordered),
-        "clips_per_s": throughput,
-        "views": cfg.views,
-        "merge": cfg.merge_settings(),
+        "limit": cfg.limit,
+        "clips_per_s": speed,
+        "timed_clips": timed,
+        "views": manifest["settings"]["input"]["views"],
+        "sampling": manifest["settings"]["input"]["sampling"],
+        "label_source": data.label_source,
+        "notes": data.notes,
+        "merge": manifest["settings"]["merge"],
     }
     if epic:
 
@@ -335,5 +641,14 @@ def _finalize(
             for c in range(len(totals))
             if totals[c]
         }
-        (out / "confusion.json").write_text(json.dumps({"classes": names, "matrix": confusion.tolist()}))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write(out / "confusion.json", json.dumps({"classes": names, "matrix": confusion.tolist()}))
+    _write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as err:
+        raise write_error(path, err) from None

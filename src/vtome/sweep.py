@@ -1,7 +1,10 @@
 """``vtome sweep``: accuracy against speed over r values and modes (the paper's Figure 3).
 
-Each setting is one resumable evaluation in its own folder under ``out``; the baseline (unpatched) is
-``out/baseline``. Speedup is the evaluation's model throughput relative to the baseline's; the FLOP
+Each setting is one resumable evaluation in its own folder under ``out``, named from the full settings: a
+readable prefix (``baseline``, or ``<mode>_r<r>_s<start layer>[_l<layers>]``) and a short hash of every
+option that determines a prediction (model, data, merge settings, threshold, prop_attn, views, sampling),
+so runs with different settings never share a folder. Two sweeps into one ``out`` at once are refused
+(a lock). Speedup is the evaluation's model throughput relative to the baseline's; the FLOP
 ratio comes from the token counts of one forward.
 """
 
@@ -10,6 +13,9 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import hashlib
+import json
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +23,9 @@ from pathlib import Path
 import torch
 
 import vtome
-from vtome.evaluate import EvalConfig, run_eval
+from vtome.evaluate import EvalConfig, apply_merge, model_identity, run_eval
 from vtome.flops import last_run_flops
+from vtome.outdir import RunLock, prepare, write_error
 from vtome.state import CapWarning
 
 COLUMNS = (
@@ -102,6 +109,36 @@ def placement_grid(rs: list[int], modes: list[str], num_layers: int) -> list[dic
     return grid
 
 
+# EvalConfig fields that do not change a prediction (every other field, new ones included, names the folder).
+_NOT_SETTINGS = ("out", "batch_size", "workers", "limit", "progress")
+
+
+def folder_name(cfg: EvalConfig) -> str:
+    """``baseline-<hash>`` or ``<mode>_r<r>_s<start>[_l<layers>]-<hash>``; the hash covers every field of
+    ``cfg`` that determines a prediction (merge settings are left out for the unpatched baseline)."""
+    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_SETTINGS}
+    for key in ("model", "noun_model"):
+        value = settings[key]
+        if isinstance(value, torch.nn.Module):
+            settings[key] = model_identity(value, value)
+        elif isinstance(value, str) and os.path.exists(value):
+            settings[key] = os.path.abspath(value)
+    for key in ("root", "split", "labels"):
+        if isinstance(settings[key], str) and os.path.exists(settings[key]):
+            settings[key] = os.path.abspath(settings[key])
+    if cfg.r == 0:
+        for key in ("r", "mode", "prop_attn", "threshold", "start_layer", "layers", "extra"):
+            settings.pop(key)
+        prefix = "baseline"
+    else:
+        prefix = f"{cfg.mode}_r{cfg.r}_s{cfg.start_layer}"
+        if cfg.layers is not None:
+            prefix += "_l" + "-".join(map(str, cfg.layers))
+    prefix = "".join(c if c.isalnum() or c in "_-." else "-" for c in prefix)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{prefix}-{digest}"
+
+
 def run_sweep(
     base: EvalConfig,
     grid: list[dict],
@@ -111,37 +148,59 @@ def run_sweep(
     """Evaluate every setting of ``grid`` (dicts with ``mode``, ``r``, ``start_layer``); writes
     ``sweep.csv`` and ``sweep.png`` under ``base.out``."""
     out = Path(base.out)
-    rows = []
+    rank = int(os.environ.get("RANK", "0"))
+    lock = RunLock(out, "vtome sweep")
+    configs = []
     for setting in grid:
-        if on_setting:
-            on_setting(setting)
-        name = "baseline" if setting["r"] == 0 else f"{setting['mode']}_r{setting['r']}_s{setting['start_layer']}"
-        if setting["layers"] is not None:
-            name += "_l" + "-".join(map(str, setting["layers"]))
         mode = setting["mode"] if setting["r"] else base.mode
         merging = {"r": setting["r"], "mode": mode, "start_layer": setting["start_layer"], "layers": setting["layers"]}
-        cfg = dataclasses.replace(base, out=str(out / name), **merging)
-        summary = run_eval(cfg, eval_progress)
-        ratio = 1.0 if setting["r"] == 0 else flop_ratio(base.model, threshold=base.threshold, **merging)
-        rows.append(
-            {
-                **setting,
-                "top1": summary["top1"],
-                "top5": summary["top5"],
-                "clips_per_s": summary["clips_per_s"],
-                "flop_ratio": ratio,
-                "num_failed": summary["num_failed"],
-                "out": cfg.out,
-            }
-        )
-    base_speed = rows[0]["clips_per_s"]
-    for row in rows:
-        row["speedup"] = row["clips_per_s"] / base_speed if base_speed and row["clips_per_s"] else None
-    with (out / "sweep.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
-    plot_sweep(rows, out / "sweep.png", title=f"{base.model if isinstance(base.model, str) else ''} {base.dataset}")
+        cfg = dataclasses.replace(base, **merging)
+        configs.append((setting, merging, dataclasses.replace(cfg, out=str(out / folder_name(cfg)))))
+    for _, _, cfg in configs:
+        cfg.validate()
+    from vtome.zoo import load_model
+
+    probe = base.model if isinstance(base.model, torch.nn.Module) else load_model(base.model)
+    for _, _, cfg in configs:  # every setting checked before the first evaluation
+        apply_merge(probe, cfg, keep=False)
+    if rank == 0:
+        prepare(out)
+        lock.acquire()
+    try:
+        rows = []
+        for setting, merging, cfg in configs:
+            if on_setting:
+                on_setting(setting)
+            summary = run_eval(cfg, eval_progress)
+            ratio = (
+                1.0 if setting["r"] == 0 else flop_ratio(base.model, threshold=base.threshold, **merging, **base.extra)
+            )
+            rows.append(
+                {
+                    **setting,
+                    "top1": summary["top1"],
+                    "top5": summary["top5"],
+                    "clips_per_s": summary["clips_per_s"],
+                    "flop_ratio": ratio,
+                    "num_failed": summary["num_failed"],
+                    "out": cfg.out,
+                }
+            )
+        base_speed = rows[0]["clips_per_s"]
+        for row in rows:
+            row["speedup"] = row["clips_per_s"] / base_speed if base_speed and row["clips_per_s"] else None
+        if rank == 0:
+            try:
+                with (out / "sweep.csv").open("w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                    writer.writeheader()
+                    writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
+                title = f"{base.model if isinstance(base.model, str) else ''} {base.dataset}"
+                plot_sweep(rows, out / "sweep.png", title=title)
+            except OSError as err:
+                raise write_error(out / "sweep.csv", err) from None
+    finally:
+        lock.release()
     return rows
 
 

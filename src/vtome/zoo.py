@@ -103,6 +103,21 @@ def load_model(name_or_path: str, attn: str | None = "sdpa") -> nn.Module:
     return model.eval()
 
 
+def load_config(name_or_path: str) -> object | None:
+    """The config of a built-in name or local directory without building the model; None for others."""
+    import transformers
+
+    if name_or_path in _BUILTIN:
+        _, cfg_name, overrides, _ = _BUILTIN[name_or_path]
+        return getattr(transformers, cfg_name)(**overrides)
+    if os.path.isdir(name_or_path) and os.path.isfile(os.path.join(name_or_path, "config.json")):
+        try:
+            return transformers.AutoConfig.from_pretrained(name_or_path)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
 def _choices() -> str:
     return (
         "Built-in names: " + ", ".join(builtin_names()) + "; or a directory written by save_pretrained, "
