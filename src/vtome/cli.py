@@ -383,6 +383,10 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noun-model", help="EPIC-KITCHENS: a second model for nouns")
     p.add_argument("--verb-classes", type=int, help="EPIC-KITCHENS: one model, first N logits are verbs")
     p.add_argument("--limit", type=int, help="first N videos only")
+    p.add_argument("--order", default=None, choices=["paper", "spatial"], help="matching order (default: paper)")
+    p.add_argument(
+        "--divided", default=None, choices=["per_frame", "aligned"], help="divided space-time models: matching scheme"
+    )
 
 
 def _eval_config(args: argparse.Namespace, **overrides: object) -> object:
@@ -406,6 +410,7 @@ def _eval_config(args: argparse.Namespace, **overrides: object) -> object:
         noun_model=args.noun_model,
         verb_classes=args.verb_classes,
         limit=args.limit,
+        extra={k: v for k, v in (("order", args.order), ("divided", args.divided)) if v is not None},
         **overrides,
     )
 
