@@ -31,7 +31,7 @@ def tiny(family: str, attn: str = "sdpa", image_size: int = 64, **overrides: obj
         model = TimesformerForVideoClassification(TimesformerConfig(patch_size=16, num_frames=4, **kw))
         attn = "eager"  # TimeSformer has no attention dispatch
     elif family == "motionformer":
-        from vtome.motionformer import MotionformerConfig, MotionformerForVideoClassification
+        from vtome.architectures.motionformer import MotionformerConfig, MotionformerForVideoClassification
 
         kw.pop("intermediate_size")
         model = MotionformerForVideoClassification(MotionformerConfig(patch_size=16, num_frames=4, **kw))

@@ -9,14 +9,14 @@ import torch
 from conftest import ALL_FAMILIES, clip, tiny
 
 import vtome
+from vtome.adapters import adapter_for
 from vtome.flops import BudgetWarning, simulate_tokens
-from vtome.models import adapter_for
 from vtome.patch import _fraction_for
 
 
 def forward(model):
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", vtome.state.CapWarning)
+        warnings.simplefilter("ignore", vtome.merger.CapWarning)
         model(pixel_values=clip(model))
     return vtome.last_run(model)
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import vtome
-from vtome.flops import last_run_flops
-from vtome.motionformer import (
+from vtome.architectures.motionformer import (
     MotionformerConfig,
     MotionformerForVideoClassification,
     TrajectoryAttention,
@@ -15,6 +14,7 @@ from vtome.motionformer import (
     official_to_ours,
     ours_to_official,
 )
+from vtome.patch import last_run_flops
 from vtome.zoo import load_model
 
 

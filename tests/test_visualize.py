@@ -13,12 +13,12 @@ from conftest import tiny
 from PIL import Image
 
 import vtome
+from vtome.adapters import adapter_for
 from vtome.analysis import confusion_change, crossing_groups, splice, splice_study, token_sides
 from vtome.cli import main
 from vtome.data.transforms import preprocess_for
 from vtome.data.video import read_video, write_video
 from vtome.demo.synth import ClipSpec, make_clip
-from vtome.models import adapter_for
 from vtome.sweep import placement_grid, placements
 from vtome.visualize import clip_from_frames, label_maps, visualize_clip
 

@@ -41,7 +41,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(any_family, reentrant, 
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         calls = []
-        first = vtome.models.adapter_for(model).layers(model)[0]
+        first = vtome.adapters.adapter_for(model).layers(model)[0]
         first.layernorm_after.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         torch.manual_seed(5)  # random modes draw from the global RNG; checkpointing replays its state
         logits(model, x).square().sum().backward()
@@ -95,7 +95,7 @@ def test_whole_model_pickle_round_trip_still_merges(any_family):
 def test_no_activation_outlives_the_forward(any_family):
     model = merged(any_family, trace_source=True)
     seen = []
-    last = vtome.models.adapter_for(model).layers(model)[-1]
+    last = vtome.adapters.adapter_for(model).layers(model)[-1]
     handle = last.register_forward_hook(lambda m, i, o: seen.append(weakref.ref(o[0])))
     out = logits(model, clip(model))  # with autograd: the graph references every activation
     handle.remove()

@@ -1,8 +1,9 @@
 """vtome: training-free token merging for video transformers (Pollard & Wray 2025, after Bolya et al. 2023)."""
 
 from vtome.merge import MODES
+from vtome.merger import RunInfo
 from vtome.patch import is_patched, last_run, layout, patch, settings, unmerge, unpatch
-from vtome.state import MergeSettings, RunInfo
+from vtome.settings import MergeSettings
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vtome.models import adapter_for
+from vtome.adapters import adapter_for
 from vtome.visualize import groups_after_layer
 
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 
 import vtome
-from vtome.flops import last_run_flops
-from vtome.state import PROFILE_RANGE, CapWarning
+from vtome.merger import PROFILE_RANGE, CapWarning
+from vtome.patch import last_run_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORWARD_RANGE = "vtome.forward"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import vtome
 from vtome.bench import BenchConfig, run_benchmark
 from vtome.flops import BudgetWarning
-from vtome.state import CapWarning
+from vtome.merger import CapWarning
 
 PAYS = 1.05  # a measured speedup below this is "does not pay"
 LADDER = (0.85, 0.7, 0.55, 0.45, 0.35)  # FLOP fractions measured when looking for a speedup target

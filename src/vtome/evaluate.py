@@ -30,6 +30,7 @@ import vtome
 from vtome.data.datasets import DATASETS, Dataset, DatasetError, Sample, read_dataset
 from vtome.data.transforms import Preprocess, preprocess_for
 from vtome.data.video import VideoReadError, dense_indices, list_frames, read_frames, sample_video, segment_indices
+from vtome.merger import CapWarning
 from vtome.outdir import (
     FORMAT,
     OutputError,
@@ -46,7 +47,7 @@ from vtome.outdir import (
     write_error,
     write_timing,
 )
-from vtome.state import CapWarning, RSetting
+from vtome.settings import RSetting
 
 
 class EvalWarning(UserWarning):
@@ -303,7 +304,7 @@ def apply_merge(model: nn.Module, cfg: EvalConfig, keep: bool = True) -> dict:
     :class:`vtome.MergeSettings`, plus ``patched``). For ``r == 0`` (or ``keep=False``) the model is left
     unpatched and the settings are those a patch would have used (a patch is made, read and undone, which
     also checks them)."""
-    from vtome.models import adapter_for
+    from vtome.adapters import adapter_for
 
     kwargs = {**cfg.merge_settings(), "seed": 0}
     try:

@@ -22,8 +22,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch.nn as nn
-
 
 def layer_flops(n: int, m: int, hidden: int, frames: int | None = None, attention: str | None = None) -> float:
     """FLOPs of one layer: ``n`` tokens in, ``m`` out. ``attention`` is ``joint`` (default), ``divided``
@@ -129,14 +127,3 @@ def resolve_budget(
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fraction_at(setting(mid)) <= target else (mid, hi)
     return Budget(setting(hi), fraction_at(setting(hi)), target)
-
-
-def last_run_flops(model: nn.Module) -> tuple[float, float]:
-    """``(unmerged, merged)`` FLOPs per clip of a patched ``model``'s last forward (ratio = speedup bound)."""
-    from vtome.patch import attention_kind, last_run, layout
-
-    run = last_run(model)
-    frames, hidden, kind = layout(model).frames, model.config.hidden_size, attention_kind(model)
-    n0 = run.input_tokens
-    unmerged = stack_flops(n0, [n0] * len(run.tokens_per_layer), hidden, frames, kind)
-    return unmerged, stack_flops(n0, run.tokens_per_layer, hidden, frames, kind)

@@ -8,10 +8,12 @@ from dataclasses import replace
 import torch.nn as nn
 from torch import Tensor
 
+from vtome.adapters import adapter_for, check_attention_backend, restore
 from vtome.flops import resolve_budget, simulate_tokens, stack_flops
+from vtome.layout import Layout
 from vtome.merge import unmerge_tokens
-from vtome.models import adapter_for, check_attention_backend, restore
-from vtome.state import Layout, Merger, MergeSettings, RSetting, RunInfo
+from vtome.merger import Merger, RunInfo
+from vtome.settings import MergeSettings, RSetting
 
 
 def patch(
@@ -181,3 +183,12 @@ def layout(model: nn.Module) -> Layout:
 def attention_kind(model: nn.Module) -> str:
     """``joint``, ``divided`` or ``trajectory``: the attention of a patched ``model`` (for FLOP counts)."""
     return _state(model).attention
+
+
+def last_run_flops(model: nn.Module) -> tuple[float, float]:
+    """``(unmerged, merged)`` FLOPs per clip of a patched ``model``'s last forward (ratio = speedup bound)."""
+    run = last_run(model)
+    frames, hidden, kind = layout(model).frames, model.config.hidden_size, attention_kind(model)
+    n0 = run.input_tokens
+    unmerged = stack_flops(n0, [n0] * len(run.tokens_per_layer), hidden, frames, kind)
+    return unmerged, stack_flops(n0, run.tokens_per_layer, hidden, frames, kind)

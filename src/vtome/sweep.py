@@ -24,9 +24,9 @@ import torch
 
 import vtome
 from vtome.evaluate import EvalConfig, apply_merge, model_identity, run_eval
-from vtome.flops import last_run_flops
+from vtome.merger import CapWarning
 from vtome.outdir import RunLock, prepare, write_error
-from vtome.state import CapWarning
+from vtome.patch import last_run_flops
 
 COLUMNS = (
     "mode",

@@ -19,10 +19,10 @@ import torch
 import torch.nn as nn
 
 import vtome
+from vtome.adapters import adapter_for
 from vtome.data.transforms import Preprocess, preprocess_for
 from vtome.data.video import list_frames, read_frames, read_video, segment_indices, write_video
-from vtome.models import adapter_for
-from vtome.state import CapWarning
+from vtome.merger import CapWarning
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from pathlib import Path
 
 import torch.nn as nn
 
@@ -29,41 +30,35 @@ _BUILTIN: dict[str, tuple[str, str, dict, str]] = {
     ),
 }
 
-# Extra built-ins registered by other modules (the bundled demo checkpoints): name -> (loader, description, dir).
-_EXTRA: dict[str, tuple[Callable[[], nn.Module], str, str | None]] = {}
+# The bundled demo classifiers: every folder under demo/weights holding a config.json is the built-in
+# "demo-<folder>" (found on disk, so this module imports nothing from the demo package).
+DEMO_WEIGHTS = Path(__file__).parent / "demo" / "weights"
+_MOTIONFORMER = "Motionformer-B 16x4, 16 frames x 224 px, tubelet 2: 8 x 196 tokens + class token (random weights)"
 
 
-def register(name: str, loader: Callable[[], nn.Module], description: str, source: str | None = None) -> None:
-    """Add a built-in model name; ``source`` is its directory (for its image processor settings), if any."""
-    _EXTRA[name] = (loader, description, source)
+def _demo_models() -> dict[str, Path]:
+    """``demo-<family>`` -> its weights folder, for each bundled demo model."""
+    if not DEMO_WEIGHTS.is_dir():
+        return {}
+    return {f"demo-{d.name}": d for d in sorted(DEMO_WEIGHTS.iterdir()) if (d / "config.json").is_file()}
 
 
 def model_source(name_or_path: str) -> str | None:
     """The directory a model name loads from (local checkpoints and bundled demo models), else None."""
-    _load_extras()
-    if name_or_path in _EXTRA:
-        return _EXTRA[name_or_path][2]
+    demos = _demo_models()
+    if name_or_path in demos:
+        return str(demos[name_or_path])
     return name_or_path if os.path.isdir(name_or_path) else None
 
 
 def builtin_names() -> dict[str, str]:
     """Built-in names with a one-line description each."""
-    _load_extras()
-    return {**{k: v[3] for k, v in _BUILTIN.items()}, **{k: v[1] for k, v in _EXTRA.items()}}
-
-
-def _load_extras() -> None:
-    """Register the built-ins that are not Hugging Face classes: Motionformer and the bundled demo models."""
-    import vtome.demo.checkpoints  # noqa: F401
-
-    if "motionformer-base" not in _EXTRA:
-        from vtome.motionformer import MotionformerForVideoClassification
-
-        register(
-            "motionformer-base",
-            MotionformerForVideoClassification,
-            "Motionformer-B 16x4, 16 frames x 224 px, tubelet 2: 8 x 196 tokens + class token (random weights)",
-        )
+    names = {k: v[3] for k, v in _BUILTIN.items()}
+    names["motionformer-base"] = _MOTIONFORMER
+    for name, path in _demo_models().items():
+        arch = json.loads((path / "config.json").read_text()).get("architectures", ["?"])[0]
+        names[name] = f"bundled demo classifier ({arch}, trained on generated clips)"
+    return names
 
 
 def load_model(name_or_path: str, attn: str | None = "sdpa") -> nn.Module:
@@ -74,14 +69,16 @@ def load_model(name_or_path: str, attn: str | None = "sdpa") -> nn.Module:
     """
     import transformers
 
-    _load_extras()
+    name_or_path = str(_demo_models().get(name_or_path, name_or_path))  # a bundled demo model is a directory
     if name_or_path in _BUILTIN:
         cls_name, cfg_name, overrides, _ = _BUILTIN[name_or_path]
         model = getattr(transformers, cls_name)(getattr(transformers, cfg_name)(**overrides))
-    elif name_or_path in _EXTRA:
-        model = _EXTRA[name_or_path][0]()
+    elif name_or_path == "motionformer-base":
+        from vtome.architectures.motionformer import MotionformerForVideoClassification
+
+        model = MotionformerForVideoClassification()
     elif name_or_path.endswith((".pyth", ".pth", ".pt")) and os.path.isfile(name_or_path):
-        from vtome.motionformer import load_official
+        from vtome.architectures.motionformer import load_official
 
         model = load_official(name_or_path)
     elif os.path.isdir(name_or_path):
@@ -128,7 +125,7 @@ def _choices() -> str:
 def _class_for(config: object, where: str) -> type:
     import transformers
 
-    from vtome.models import REGISTRY
+    from vtome.adapters import REGISTRY
 
     names = list(getattr(config, "architectures", None) or [])
     names += [n for n in REGISTRY if n.lower().startswith(config.model_type) and "ForVideo" in n]

@@ -19,7 +19,7 @@ import torch.nn as nn
 from vtome import zoo
 from vtome.demo.synth import CLASSES
 
-WEIGHTS = Path(__file__).parent / "weights"
+WEIGHTS = zoo.DEMO_WEIGHTS  # each folder is the built-in model "demo-<folder>"
 FAMILIES = {"joint": "demo-joint", "divided": "demo-divided"}
 _CLOCK = 4.0  # amplitude of the demo TimeSformer's initial clock channels
 _DIMS = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, image_size=96)
@@ -140,13 +140,3 @@ def load(family: str) -> nn.Module:
 def training_record(family: str) -> dict:
     """How the bundled weights were made (command, seed, accuracy), from ``training.json``."""
     return json.loads((weights_dir(family) / "training.json").read_text())
-
-
-for _family, _name in FAMILIES.items():
-    zoo.register(
-        _name,
-        lambda family=_family: load(family),
-        f"bundled demo classifier ({'VideoMAE' if _family == 'joint' else 'TimeSformer'} architecture, "
-        "trained on generated clips)",
-        source=str(weights_dir(_family)),
-    )

@@ -14,8 +14,8 @@ import torch.nn as nn
 import vtome
 from vtome.demo import checkpoints
 from vtome.demo.synth import ClipSpec, is_temporal, make_batch, make_clip, normalize
-from vtome.flops import last_run_flops
-from vtome.state import CapWarning
+from vtome.merger import CapWarning
+from vtome.patch import last_run_flops
 
 MODES = ("merge", "drop", "random_merge", "random_drop", "hybrid")
 

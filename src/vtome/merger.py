@@ -1,4 +1,4 @@
-"""Merge settings (validated), token layouts, the merge step, and the record of the last forward.
+"""The merge step of a patched model, and the values that travel with the tokens through it.
 
 Who owns what, and what travels where:
 
@@ -6,16 +6,16 @@ Who owns what, and what travels where:
   object): the settings, the token layout, the head count and ``run``, the record of the last forward.
   Nothing about a forward in progress is stored on it, and it holds no closures, so ``copy.deepcopy`` and
   pickling give an independent patched model.
-- A forward carries its merge state as values. The patched encoder loop (:func:`encode`) starts with
-  ``size=None`` (every token stands for one patch) and, with ``trace_source``, an identity ``source``; it
-  passes ``(hidden_states, size, source)`` to each layer as arguments and gets the same three back. Inside a
-  layer, the attention takes ``Merger.bias(size)`` (proportional attention) and returns its keys with its
-  output; the layer hands them to ``Merger.merge(layer, x, size, source, metric)``, a pure function of its
-  arguments. A recomputed layer (gradient checkpointing) therefore sees exactly the inputs of its first run.
+- A forward carries its merge state as values. The patched encoder loop (:func:`encode`) starts a
+  :class:`Track` (sizes, index map, and with ``trace_source`` an identity source map) and passes
+  ``(hidden_states, track)`` to each layer as arguments, getting the same back. Inside a layer, the
+  attention takes ``Merger.bias(track)`` (proportional attention) and returns its keys with its output; the
+  layer hands them to ``Merger.merge(layer, x, track, metric)``, a pure function of its arguments. A
+  recomputed layer (gradient checkpointing) therefore sees exactly the inputs of its first run.
 - What a model needs after the encoder (VideoMAE's size-weighted mean pooling) comes back from the encoder
   as a return value.
 - The one write of a forward: at the end of the loop, :func:`encode` replaces ``Merger.run`` with a new
-  :class:`RunInfo` (token counts; sizes and sources detached, so no activation outlives the forward).
+  :class:`RunInfo` (token counts; sizes, index and sources detached, so no activation outlives the forward).
 - Random modes with a seed draw from a generator seeded by (seed, layer, step): a recompute draws the same.
 """
 
@@ -32,16 +32,9 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from vtome.flops import stack_flops
-from vtome.merge import (
-    HEAD_AGGREGATIONS,
-    MODES,
-    ORDERS,
-    aggregate_heads,
-    attention_bias,
-    bipartite_match,
-    max_merge,
-    parse_schedule,
-)
+from vtome.layout import Layout
+from vtome.merge import aggregate_heads, attention_bias, bipartite_match, max_merge
+from vtome.settings import MergeSettings
 
 # Profiler range around all matching and merging work (the benchmark reads it to report the overhead).
 PROFILE_RANGE = "vtome.merge"
@@ -54,192 +47,6 @@ def _profiled() -> contextlib.AbstractContextManager:
 
 class CapWarning(UserWarning):
     """A layer was asked to merge more than half of its mergeable tokens and was capped."""
-
-
-RSetting = int | tuple[int, float] | list[int]
-DIVIDED: tuple[str, ...] = ("per_frame", "aligned")
-
-
-def _check_r(r: object, num_layers: int) -> RSetting:
-    def is_int(v: object) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    allowed = (
-        "r must be an int >= 0 (tokens removed per layer), an (r, inflection) tuple with inflection in "
-        f"[-1, 1], or a list of {num_layers} ints >= 0 (one per layer)"
-    )
-    if is_int(r):
-        if r < 0:
-            raise ValueError(f"{allowed}; got r={r}")
-        return r
-    if isinstance(r, tuple):
-        if len(r) != 2 or not is_int(r[0]) or r[0] < 0 or not isinstance(r[1], (int, float)):
-            raise ValueError(f"{allowed}; got r={r!r}")
-        if not -1.0 <= float(r[1]) <= 1.0:
-            raise ValueError(f"{allowed}; got inflection {r[1]}")
-        return (r[0], float(r[1]))
-    if isinstance(r, list):
-        if len(r) != num_layers or not all(is_int(v) and v >= 0 for v in r):
-            raise ValueError(f"{allowed}; got a list of {len(r)} values: {r!r}")
-        return list(r)
-    raise ValueError(f"{allowed}; got {type(r).__name__} {r!r}")
-
-
-@dataclass
-class MergeSettings:
-    """What a patched model does; attributes may be changed at any time and are validated on assignment.
-
-    ``r`` counts tokens removed per layer: per clip for joint space-time models, per frame for divided
-    space-time models. ``prop_attn=None`` means the model family's default.
-    """
-
-    num_layers: int
-    r: RSetting = 0
-    mode: str = "merge"
-    prop_attn: bool = True
-    head_aggregation: str = "mean"
-    threshold: float = 0.0
-    start_layer: int = 0
-    trace_source: bool = False
-    seed: int | None = None
-    duplicate: dict[int, int] = field(default_factory=dict)
-    layers: list[int] | None = None
-    order: str = "paper"
-    divided: str | None = None  # divided space-time models only: "per_frame" or "aligned"
-    position_merge: str = "mean"  # models with positional attention (RoPE): "mean" or "destination"
-    flops: float | None = None  # the FLOP budget r was resolved from (vtome.patch(model, flops=...)), if any
-
-    def __setattr__(self, name: str, value: object) -> None:
-        value = self._validate(name, value)
-        super().__setattr__(name, value)
-        self.__dict__.pop("_schedule", None)  # recomputed on next use
-
-    def _validate(self, name: str, value: object) -> object:
-        if name == "r":
-            return _check_r(value, self.num_layers)
-        if name == "mode" and value not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {value!r}")
-        if name == "order" and value not in ORDERS:
-            raise ValueError(
-                f"order must be 'paper' (the published A/B split and token order) or 'spatial' (tokens kept in "
-                f"their original order); got {value!r}"
-            )
-        if name == "divided":
-            joint = "divided" in self.__dict__ and self.__dict__["divided"] is None
-            if joint and value is not None:
-                raise ValueError(
-                    "divided applies to divided space-time models (TimeSformer, Motionformer) only; "
-                    "this model attends jointly over the clip"
-                )
-            if not joint and "divided" in self.__dict__ and value not in DIVIDED or value not in (None, *DIVIDED):
-                raise ValueError(
-                    "divided must be 'per_frame' (each frame picks its own pairs, as published) or 'aligned' "
-                    f"(one matching per clip, shared by all its frames); got {value!r}"
-                )
-        if name == "flops" and "flops" in self.__dict__ and self.__dict__["flops"] != value:
-            raise ValueError(
-                "a FLOP budget is resolved to r when patching: call vtome.patch(model, flops=...) again "
-                "(or set r directly)"
-            )
-        if name == "position_merge" and value not in ("mean", "destination"):
-            raise ValueError(
-                "position_merge must be 'mean' (a merged token sits at the size-weighted mean position of the "
-                f"patches it covers) or 'destination' (at its destination token's position); got {value!r}"
-            )
-        if name == "head_aggregation" and value not in HEAD_AGGREGATIONS:
-            raise ValueError(f"head_aggregation must be one of {', '.join(HEAD_AGGREGATIONS)}; got {value!r}")
-        if name == "threshold":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
-                raise ValueError(f"threshold is a cosine similarity and must be a number in [-1, 1]; got {value!r}")
-            return float(value)
-        if name == "start_layer" and (
-            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.num_layers
-        ):
-            raise ValueError(f"start_layer must be an int in [0, {self.num_layers}]; got {value!r}")
-        if name in ("prop_attn", "trace_source") and not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False; got {value!r}")
-        if name == "layers" and value is not None:
-            if not isinstance(value, (list, tuple, set)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers for i in value
-            ):
-                raise ValueError(f"layers must list layer indices in [0, {self.num_layers - 1}]; got {value!r}")
-            return sorted(set(value))
-        if name == "duplicate":
-            if value is None:
-                return {}
-            if not isinstance(value, dict) or not all(
-                isinstance(k, int) and 0 <= k < self.num_layers and isinstance(v, int) and v >= 0
-                for k, v in value.items()
-            ):
-                raise ValueError(
-                    f"duplicate maps layer index (0..{self.num_layers - 1}) -> extra merge steps (int >= 0); "
-                    f"got {value!r}"
-                )
-            return dict(value)
-        if name == "seed" and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"seed must be an int or None; got {value!r}")
-        return value
-
-    def schedule(self) -> list[int]:
-        """``r`` for each layer, before capping (0 outside ``layers`` and before ``start_layer``)."""
-        cached = self.__dict__.get("_schedule")
-        if cached is None:
-            values = parse_schedule(self.r, self.num_layers, self.start_layer)
-            cached = values if self.layers is None else [v if i in self.layers else 0 for i, v in enumerate(values)]
-            self.__dict__["_schedule"] = cached
-        return list(cached)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the mergeable groups sit in a model's token sequence ``[B, N, D]``.
-
-    ``protected`` leading tokens (a class token) are never merged. With ``frames=None`` (joint
-    space-time) the whole clip is one group and the matching skips the protected tokens; with
-    ``frames=T`` (divided space-time) each frame is a group, the protected tokens are set aside, and the
-    frame tokens are stored time-minor (``index = p + slot*T + t``, TimeSformer) or time-major
-    (``index = p + t*n + slot``).
-    """
-
-    protected: int = 0
-    frames: int | None = None
-    time_minor: bool = True
-
-    @property
-    def group_protected(self) -> int:
-        """Protected tokens at the start of each group (joint layouts keep them in the group)."""
-        return self.protected if self.frames is None else 0
-
-    def split(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``[B, N, D]`` -> set-aside tokens ``[B, p, D]`` and groups ``[G, n, D]`` (views where possible)."""
-        if self.frames is None:
-            return t[:, :0], t
-        head, body = t[:, : self.protected], t[:, self.protected :]
-        b, m, d = body.shape
-        f = self.frames
-        if self.time_minor:
-            body = body.reshape(b, m // f, f, d).transpose(1, 2)
-        return head, body.reshape(b * f, m // f, d)
-
-    def slot(self, index: Tensor, tokens: int) -> Tensor:
-        """Frame slot (0-based, after the protected tokens) of token positions ``index`` in a divided layout of
-        ``tokens`` tokens; protected tokens map to -1 - their position."""
-        if self.frames is None:
-            raise ValueError("slots exist in divided space-time layouts only")
-        slots = (tokens - self.protected) // self.frames
-        body = index - self.protected
-        slot = body // self.frames if self.time_minor else body % slots
-        return torch.where(body >= 0, slot, -1 - index)
-
-    def join(self, head: Tensor, groups: Tensor) -> Tensor:
-        """Inverse of :meth:`split` for any group length."""
-        if self.frames is None:
-            return groups
-        g, n, d = groups.shape
-        b, f = g // self.frames, self.frames
-        groups = groups.reshape(b, f, n, d)
-        groups = (groups.transpose(1, 2) if self.time_minor else groups).reshape(b, n * f, d)
-        return torch.cat([head, groups], dim=1)
 
 
 @dataclass
@@ -507,26 +314,3 @@ def pool_mean(tokens: Tensor, size: Tensor | None) -> Tensor:
     if size is None:
         return tokens.mean(1)
     return ((tokens.float() * size).sum(1) / size.sum(1)).to(tokens.dtype)
-
-
-def check_frames(pixel_values: Tensor, num_frames: int, num_channels: int, family: str) -> None:
-    """Clear error for a clip that is not ``[B, T, C, H, W]`` with the model's ``T`` and ``C``."""
-    shape = tuple(pixel_values.shape)
-    if pixel_values.dim() != 5:
-        raise ValueError(
-            f"{family} expects pixel_values of shape [batch, frames, channels, height, width]; got {shape}"
-        )
-    if shape[1] != num_frames and shape[2] == num_frames and shape[1] == num_channels:
-        raise ValueError(
-            f"{family} expects pixel_values laid out [B, T, C, H, W]; got {shape}, which looks like [B, C, T, H, W]: "
-            "pass pixel_values.transpose(1, 2)"
-        )
-    if shape[1] != num_frames:
-        raise ValueError(
-            f"{family} expects clips of {num_frames} frames (config.num_frames), got {shape[1]} in pixel_values "
-            f"of shape {shape}; sample {num_frames} frames per clip"
-        )
-    if shape[2] != num_channels:
-        raise ValueError(
-            f"{family} expects {num_channels} channels at dim 2 of pixel_values [B, T, C, H, W]; got shape {shape}"
-        )

@@ -75,7 +75,7 @@ class MotionformerOutput:
     logits: Tensor  # [B, classes] (heads concatenated)
 
 
-torch.export.register_dataclass(MotionformerOutput, serialized_type_name="vtome.motionformer.MotionformerOutput")
+torch.export.register_dataclass(MotionformerOutput, serialized_type_name=f"{__name__}.MotionformerOutput")
 
 
 class TrajectoryAttention(nn.Module):

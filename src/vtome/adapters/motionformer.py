@@ -1,4 +1,4 @@
-"""Motionformer (our implementation, ``vtome.motionformer``): divided space-time merging inside each frame.
+"""Motionformer (``vtome.architectures.motionformer``): divided space-time merging inside each frame.
 
 Tokens are ``[CLS] + (frame, patch)`` time-major. Every frame merges the same ``r`` tokens, matched on
 the keys of the trajectory attention (whose spatial step attends per frame), so each frame keeps the
@@ -14,9 +14,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from vtome import motionformer as mf
-from vtome.models import check_input, grid_positions, swap_class
-from vtome.state import Layout, Merger, Track, encode
+from vtome.adapters import check_input, grid_positions, swap_class
+from vtome.architectures import motionformer as mf
+from vtome.layout import Layout
+from vtome.merger import Merger, Track, encode
 
 FAMILY = "Motionformer"
 ATTENTION = "trajectory"

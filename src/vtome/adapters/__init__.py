@@ -7,7 +7,7 @@ Each adapter module defines:
 - ``layers(model) -> nn.ModuleList`` and ``base(model) -> nn.Module`` (the module that takes ``pixel_values``);
 - ``layout(model) -> Layout``;
 - ``apply(model, merger)``: swap in the patched classes (no hooks: the patched forwards carry the merge
-  state as arguments and return values, see :mod:`vtome.state`);
+  state as arguments and return values, see :mod:`vtome.merger`);
 - ``token_positions(model)``: where each input token sits in the video (for drawing merges).
 
 Patched classes are subclasses of the stock ones, defined at module level (so a patched model pickles);
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from vtome.state import Merger, check_frames
+from vtome.merger import Merger
 
 # Patched by class name (as tomesd does), so no model library is imported before it is needed.
 REGISTRY: dict[str, str] = {
@@ -43,7 +43,7 @@ def adapter_for(model: nn.Module) -> ModuleType:
     if name not in REGISTRY:
         supported = ", ".join(REGISTRY)
         raise TypeError(f"vtome cannot patch a {name}; supported models: {supported}")
-    return importlib.import_module(f"vtome.models.{REGISTRY[name]}")
+    return importlib.import_module(f"vtome.adapters.{REGISTRY[name]}")
 
 
 def swap_class(module: nn.Module, patched: type[nn.Module], merger: Merger, layer: int | None = None) -> None:
@@ -81,6 +81,29 @@ def check_input(merger: Merger, config: object, pixel_values: Tensor | None, fam
         check_frames(pixel_values, config.num_frames, config.num_channels, family)
     if merger.settings.prop_attn:
         check_attention_backend(config)
+
+
+def check_frames(pixel_values: Tensor, num_frames: int, num_channels: int, family: str) -> None:
+    """Clear error for a clip that is not ``[B, T, C, H, W]`` with the model's ``T`` and ``C``."""
+    shape = tuple(pixel_values.shape)
+    if pixel_values.dim() != 5:
+        raise ValueError(
+            f"{family} expects pixel_values of shape [batch, frames, channels, height, width]; got {shape}"
+        )
+    if shape[1] != num_frames and shape[2] == num_frames and shape[1] == num_channels:
+        raise ValueError(
+            f"{family} expects pixel_values laid out [B, T, C, H, W]; got {shape}, which looks like [B, C, T, H, W]: "
+            "pass pixel_values.transpose(1, 2)"
+        )
+    if shape[1] != num_frames:
+        raise ValueError(
+            f"{family} expects clips of {num_frames} frames (config.num_frames), got {shape[1]} in pixel_values "
+            f"of shape {shape}; sample {num_frames} frames per clip"
+        )
+    if shape[2] != num_channels:
+        raise ValueError(
+            f"{family} expects {num_channels} channels at dim 2 of pixel_values [B, T, C, H, W]; got shape {shape}"
+        )
 
 
 def check_attention_backend(config: object) -> None:

@@ -19,8 +19,9 @@ from transformers.models.vivit import modeling_vivit as hf
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from vtome.models import check_input, grid_positions, keeps_output_capture, swap_class
-from vtome.state import Layout, Merger, Track, encode
+from vtome.adapters import check_input, grid_positions, keeps_output_capture, swap_class
+from vtome.layout import Layout
+from vtome.merger import Merger, Track, encode
 
 FAMILY = "ViViT"
 ATTENTION = "joint"

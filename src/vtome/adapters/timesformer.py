@@ -15,9 +15,10 @@ from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.timesformer import modeling_timesformer as hf
 
+from vtome.adapters import check_input, grid_positions, keeps_output_capture, swap_class
+from vtome.layout import Layout
 from vtome.merge import attention_bias
-from vtome.models import check_input, grid_positions, keeps_output_capture, swap_class
-from vtome.state import Layout, Merger, Track, encode
+from vtome.merger import Merger, Track, encode
 
 FAMILY = "TimeSformer"
 ATTENTION = "divided"

@@ -18,8 +18,9 @@ from transformers.models.videomae import modeling_videomae as hf
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from vtome.models import check_input, grid_positions, keeps_output_capture, swap_class
-from vtome.state import Layout, Merger, Track, encode, pool_mean
+from vtome.adapters import check_input, grid_positions, keeps_output_capture, swap_class
+from vtome.layout import Layout
+from vtome.merger import Merger, Track, encode, pool_mean
 
 FAMILY = "VideoMAE"
 ATTENTION = "joint"

@@ -1,0 +1,1 @@
+"""Model implementations of our own, for families that neither ``transformers`` nor ``timm`` provides."""
