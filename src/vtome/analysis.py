@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from vtome.adapters import adapter_for
+from vtome.adapters.inputs import clip_shape
 from vtome.visualize import groups_after_layer
 
 
@@ -34,9 +35,9 @@ def token_sides(model: nn.Module, kind: str) -> torch.Tensor:
     (class token)."""
     positions, _, patch = adapter_for(model).token_positions(model)
     if kind == "temporal":
-        side = (positions[:, 0] >= model.config.num_frames // 2).long()
+        side = (positions[:, 0] >= clip_shape(model)[0] // 2).long()
     else:
-        side = (positions[:, 2] >= (model.config.image_size // patch) // 2).long()
+        side = (positions[:, 2] >= (clip_shape(model)[2] // patch) // 2).long()
     side[positions[:, 0] < 0] = -1
     return side
 

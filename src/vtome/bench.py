@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 import vtome
+from vtome.adapters.inputs import clip_shape, input_name
 from vtome.merger import PROFILE_RANGE, CapWarning
 from vtome.patch import last_run_flops
 
@@ -232,8 +233,7 @@ def _run(cfg: BenchConfig, on_step: Callable[[str], None] | None) -> dict[str, o
         torch.set_num_threads(cfg.threads)
     device, dtype = cfg.device, DTYPES[cfg.dtype]
     base = load_model(cfg.model, attn=cfg.attn).to(device=device, dtype=dtype)
-    config = base.config
-    frames = config.num_frames
+    frames, channels, size = clip_shape(base)
 
     variants = [_Variant(0, base, _forward_fn(base, cfg.compile))]
     for r in sorted({r for r in cfg.rs if r > 0}):
@@ -252,7 +252,7 @@ def _run(cfg: BenchConfig, on_step: Callable[[str], None] | None) -> dict[str, o
     step = on_step or (lambda _label: None)
     results = []
     for batch in cfg.batch_sizes:
-        x = torch.randn(batch, frames, config.num_channels, config.image_size, config.image_size, generator=None)
+        x = torch.randn(batch, frames, channels, size, size, generator=None)
         x = x.to(device=device, dtype=dtype)
         tokens, flop_counts = {}, {}
         for v in variants:
@@ -306,10 +306,11 @@ def _run(cfg: BenchConfig, on_step: Callable[[str], None] | None) -> dict[str, o
 
 def _forward_fn(model: nn.Module, compile_model: bool) -> Callable[[torch.Tensor], object]:
     target = torch.compile(model) if compile_model else model
+    name = input_name(model)
 
     def forward(x: torch.Tensor) -> object:
         with torch.inference_mode():
-            return target(pixel_values=x)
+            return target(**{name: x})
 
     return forward
 

@@ -87,10 +87,11 @@ def _check_bench_options(args: argparse.Namespace, cfg: object) -> None:
         return
     import torch
 
+    from vtome.adapters.inputs import clip_shape
     from vtome.bench import DTYPES
 
-    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    per_clip = config.num_frames * config.num_channels * size * size * DTYPES[cfg.dtype].itemsize
+    frames, channels, size = clip_shape(config)
+    per_clip = frames * channels * size * size * DTYPES[cfg.dtype].itemsize
     if cfg.device.startswith("cuda"):
         total = torch.cuda.get_device_properties(torch.device(cfg.device)).total_memory
     else:

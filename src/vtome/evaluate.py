@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import vtome
+from vtome.adapters.inputs import clip_kwargs
 from vtome.data.datasets import DATASETS, Dataset, DatasetError, Sample, read_dataset
 from vtome.data.transforms import Preprocess, preprocess_for
 from vtome.data.video import VideoReadError, dense_indices, list_frames, read_frames, sample_video, segment_indices
@@ -218,7 +219,7 @@ class _Predictor:
         self.seconds, self.clips = 0.0, 0
 
     def _probs(self, model: nn.Module, x: torch.Tensor, views: int) -> torch.Tensor:
-        logits = model(pixel_values=x).logits.float()
+        logits = model(**clip_kwargs(model, x)).logits.float()
         return logits.softmax(-1).view(-1, views, logits.shape[-1]).mean(1)
 
     @torch.inference_mode()
@@ -234,7 +235,7 @@ class _Predictor:
                 elif self.noun_model is not None:
                     verb, noun = self._probs(self.model, x, v), self._probs(self.noun_model, x, v)
                 else:
-                    logits = self.model(pixel_values=x).logits.float()
+                    logits = self.model(**clip_kwargs(self.model, x)).logits.float()
                     split = self.verb_classes
                     verb = logits[:, :split].softmax(-1).view(b, v, -1).mean(1)
                     noun = logits[:, split:].softmax(-1).view(b, v, -1).mean(1)

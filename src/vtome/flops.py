@@ -11,6 +11,12 @@ size ``C`` (one multiply-add = 2 FLOPs):
 - trajectory attention (Motionformer, ``n = 1 + S`` with ``S = F x P``): q, k, v and output projections
   ``8nC^2``, class token ``4nC``, per-frame spatial step ``4S^2C``, query projection ``2SC^2``, key/value
   projection of the ``S x F`` trajectory points ``4SFC^2``, temporal step ``4SFC``; MLP ``16mC^2``.
+- an attentive pooler after the last layer (V-JEPA 2's classifier; ``attention="joint+pooler3"`` for 3
+  self-attention layers), on the ``m`` tokens leaving the last layer: each self-attention layer costs a joint
+  layer on ``m`` tokens (``24mC^2 + 4m^2C``); then one query cross-attends: its query projection ``2C^2``,
+  key and value projections ``4mC^2``, attention ``4mC``, MLP on the query ``16C^2``.
+
+V-JEPA 2's rotary position embedding is elementwise work, like softmax and the layer norms.
 
 Embedding, head, layer norms, softmax and the matching itself are left out: they are small, and the
 ratio of two such counts is the speedup a perfect implementation would get.
@@ -27,7 +33,7 @@ def layer_flops(n: int, m: int, hidden: int, frames: int | None = None, attentio
     """FLOPs of one layer: ``n`` tokens in, ``m`` out. ``attention`` is ``joint`` (default), ``divided``
     (the default when ``frames`` is given) or ``trajectory``; ``frames`` is the token grid's frame count."""
     c = hidden
-    attention = attention or ("joint" if frames is None else "divided")
+    attention = _split_kind(attention or ("joint" if frames is None else "divided"))[0]
     if attention == "joint":
         cost = 8 * n * c * c + 4 * n * n * c
     elif attention == "divided":
@@ -44,15 +50,32 @@ def layer_flops(n: int, m: int, hidden: int, frames: int | None = None, attentio
     return float(cost + 16 * m * c * c)
 
 
+def pooler_flops(m: int, hidden: int, self_layers: int) -> float:
+    """FLOPs of an attentive pooler on ``m`` tokens: ``self_layers`` self-attention layers, then one query
+    cross-attending to the tokens."""
+    c = hidden
+    return float(self_layers * (24 * m * c * c + 4 * m * m * c) + 2 * c * c + 4 * m * c * c + 4 * m * c + 16 * c * c)
+
+
+def _split_kind(attention: str) -> tuple[str, int | None]:
+    """``"joint+pooler3"`` -> ``("joint", 3)``; a kind without a pooler -> ``(kind, None)``."""
+    kind, sep, pooler = attention.partition("+pooler")
+    if sep and not pooler.isdigit():
+        raise ValueError(f"attention must be a kind, optionally followed by +poolerN; got {attention!r}")
+    return kind, int(pooler) if sep else None
+
+
 def stack_flops(
     input_tokens: int, tokens_per_layer: list[int], hidden: int, frames: int | None = None, attention: str | None = None
 ) -> float:
-    """FLOPs of all layers for one clip, from the tokens entering the first layer and leaving each layer."""
+    """FLOPs of all layers for one clip, from the tokens entering the first layer and leaving each layer
+    (and of the attentive pooler after them, for an ``attention`` kind ``...+poolerN``)."""
     total, n = 0.0, input_tokens
     for m in tokens_per_layer:
         total += layer_flops(n, m, hidden, frames, attention)
         n = m
-    return total
+    pooler = _split_kind(attention)[1] if attention else None
+    return total if pooler is None else total + pooler_flops(n, hidden, pooler)
 
 
 def simulate_tokens(

@@ -101,7 +101,7 @@ def patch(
     if settings.prop_attn:
         check_attention_backend(model.config)
     unpatch(model)
-    merger = Merger(settings, layout, model.config.num_attention_heads, adapter.ATTENTION, model.config.hidden_size)
+    merger = Merger(settings, layout, model.config.num_attention_heads, _kind(adapter, model), model.config.hidden_size)
     adapter.apply(model, merger)
     model._vtome = merger
     return model
@@ -119,14 +119,21 @@ def _fraction_for(model: nn.Module, adapter: object, settings: MergeSettings) ->
     """FLOP fraction (merged / unmerged, from the FLOP model) of ``model`` as a function of the ``r`` setting."""
     layout = adapter.layout(model)
     n0, hidden = adapter.token_positions(model)[0].shape[0], model.config.hidden_size
-    full = stack_flops(n0, [n0] * settings.num_layers, hidden, layout.frames, adapter.ATTENTION)
+    kind = _kind(adapter, model)
+    full = stack_flops(n0, [n0] * settings.num_layers, hidden, layout.frames, kind)
 
     def fraction(r: RSetting) -> float:
         schedule = replace(settings, r=r).schedule()
         counts = simulate_tokens(n0, schedule, layout.protected, layout.frames, settings.duplicate)
-        return stack_flops(n0, counts, hidden, layout.frames, adapter.ATTENTION) / full
+        return stack_flops(n0, counts, hidden, layout.frames, kind) / full
 
     return fraction
+
+
+def _kind(adapter: object, model: nn.Module) -> str:
+    """The FLOP model of ``model``: the adapter's ``attention_kind(model)`` where it has one (a pooler), else
+    its ``ATTENTION``."""
+    return adapter.attention_kind(model) if hasattr(adapter, "attention_kind") else adapter.ATTENTION
 
 
 def unpatch(model: nn.Module) -> nn.Module:

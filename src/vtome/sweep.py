@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import vtome
+from vtome.adapters.inputs import clip_kwargs, clip_shape
 from vtome.evaluate import EvalConfig, apply_merge, model_identity, run_eval
 from vtome.merger import CapWarning
 from vtome.outdir import RunLock, prepare, write_error
@@ -50,10 +51,10 @@ def flop_ratio(model_name: str | torch.nn.Module, **patch_kwargs: object) -> flo
 
     model = copy.deepcopy(model_name) if isinstance(model_name, torch.nn.Module) else load_model(model_name)
     vtome.patch(model, **patch_kwargs)
-    c = model.config
+    frames, channels, size = clip_shape(model)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", CapWarning)
-        model(pixel_values=torch.randn(1, c.num_frames, c.num_channels, c.image_size, c.image_size))
+        model(**clip_kwargs(model, torch.randn(1, frames, channels, size, size)))
     unmerged, merged = last_run_flops(model)
     return unmerged / merged
 

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 import vtome
 from vtome.adapters import adapter_for
+from vtome.adapters.inputs import clip_kwargs, clip_shape
 from vtome.data.transforms import Preprocess, preprocess_for
 from vtome.data.video import list_frames, read_frames, read_video, segment_indices, write_video
 from vtome.merger import CapWarning
@@ -70,7 +71,7 @@ def groups_after_layer(
         vtome.settings(probe).start_layer = 0
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", CapWarning)
-        probe(pixel_values=pixel_values[:1])
+        probe(**clip_kwargs(probe, pixel_values[:1]))
     run = vtome.last_run(probe)
     if run.index is None:  # nothing was merged
         return torch.arange(run.input_tokens)
@@ -132,7 +133,7 @@ def visualize_clip(
         raise ValueError(f"--fill must be mean or pixels; got {fill!r}")
     groups = groups_after_layer(model, clip.pixel_values, layer, **patch_kwargs)
     positions, tubelet, patch = adapter_for(model).token_positions(model)
-    side = model.config.image_size // patch
+    side = clip_shape(model)[2] // patch
     labels = label_maps(groups, positions, tubelet, clip.display.shape[0], side)
     return draw(clip.display, labels, patch, fill), groups
 

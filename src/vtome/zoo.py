@@ -28,6 +28,13 @@ _BUILTIN: dict[str, tuple[str, str, dict, str]] = {
         {"num_labels": 400},
         "TimeSformer-B divided space-time, 8 frames x 224 px: 8 x 196 tokens + class token (random weights)",
     ),
+    "vjepa2-large": (
+        "VJEPA2ForVideoClassification",
+        "VJEPA2Config",
+        {"frames_per_clip": 16, "crop_size": 256, "num_labels": 174},
+        "V-JEPA 2 ViT-L (as vjepa2-vitl-fpc16-256-ssv2), 16 frames x 256 px, tubelet 2: 2048 tokens, 3-D RoPE, "
+        "attentive pooler with 3 self-attention layers (random weights)",
+    ),
 }
 
 # The bundled demo classifiers: every folder under demo/weights holding a config.json is the built-in

@@ -34,6 +34,8 @@ REGISTRY: dict[str, str] = {
     "TimesformerModel": "timesformer",
     "TimesformerForVideoClassification": "timesformer",
     "MotionformerForVideoClassification": "motionformer",
+    "VJEPA2Model": "vjepa2",
+    "VJEPA2ForVideoClassification": "vjepa2",
 }
 
 

@@ -19,7 +19,10 @@ _FAMILY_DEFAULTS = {
     "vivit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "timesformer": ((0.45, 0.45, 0.45), (0.225, 0.225, 0.225)),
     "motionformer": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the official configs' DATA.MEAN / STD
+    "vjepa2": (IMAGENET_MEAN, IMAGENET_STD),
 }
+# Short side before the centre crop, as a multiple of the crop, where a family's processor is not 1:1.
+_RESIZE_RATIO = {"vjepa2": 256 / 224}
 _PROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
 
 
@@ -52,10 +55,12 @@ class Preprocess:
 def preprocess_for(model: torch.nn.Module, source: str | os.PathLike | None = None) -> Preprocess:
     """Preprocessing for ``model``: frame count and crop from its config; resize and mean/std from the
     image processor JSON in ``source`` (a model directory) when there is one, else the family's defaults."""
+    from vtome.adapters.inputs import clip_shape
+
     config = model.config
-    crop = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    frames, _, crop = clip_shape(model)
     mean, std = _FAMILY_DEFAULTS.get(config.model_type, (IMAGENET_MEAN, IMAGENET_STD))
-    resize = crop
+    resize = int(crop * _RESIZE_RATIO.get(config.model_type, 1.0))
     processor = _processor_json(source)
     if processor:
         mean = tuple(processor.get("image_mean", mean))
@@ -64,7 +69,7 @@ def preprocess_for(model: torch.nn.Module, source: str | os.PathLike | None = No
         resize = size.get("shortest_edge", size.get("height", resize)) if isinstance(size, dict) else int(size)
         if processor.get("offset") and processor.get("rescale_factor", 1 / 255) == 1 / 127.5:
             mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViViT: rescale to [-1, 1]
-    return Preprocess(config.num_frames, int(resize), int(crop), tuple(mean), tuple(std))
+    return Preprocess(frames, int(resize), int(crop), tuple(mean), tuple(std))
 
 
 def _processor_json(source: str | os.PathLike | None) -> dict:

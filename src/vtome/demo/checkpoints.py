@@ -1,11 +1,16 @@
-"""The two small demo classifiers: their configs, and the bundled trained weights as built-in model names.
+"""The small demo classifiers: their configs, and the bundled trained weights as built-in model names.
 
 - ``demo-joint``: VideoMAE architecture (joint space-time attention, spatio-temporal merging),
   16 frames x 96 px, 16 px patches, tubelet 2: 8 x 36 = 288 tokens, mean pooling.
 - ``demo-divided``: TimeSformer architecture (divided space-time attention, per-frame merging),
   8 frames x 96 px, 16 px patches: 8 x 36 tokens + class token.
 
-Both: hidden size 128, 4 layers, 4 heads, 15 classes (5 appearance + 10 temporal, see ``synth``).
+- ``demo-vjepa2``: V-JEPA 2 architecture (joint space-time attention with 3-D rotary positions and no
+  position embedding, attentive pooler with 1 self-attention layer), 16 frames x 96 px, 16 px patches,
+  tubelet 2: 288 tokens. Its predictor (unused by the classifier) is kept minimal.
+
+All: 4 layers, 4 heads, hidden size 128 (V-JEPA 2: 96), 15 classes (5 appearance + 10 temporal, see
+``synth``).
 """
 
 from __future__ import annotations
@@ -21,12 +26,17 @@ from vtome.demo.synth import CLASSES
 
 WEIGHTS = zoo.DEMO_WEIGHTS  # each folder is the built-in model "demo-<folder>"
 FAMILIES = {"joint": "demo-joint", "divided": "demo-divided"}
+# Every bundled model (``vtome demo`` runs FAMILIES; the V-JEPA 2 model has its own measurement script,
+# ``python -m vtome.demo.vjepa2_positions``).
+ALL_FAMILIES = {**FAMILIES, "vjepa2": "demo-vjepa2"}
 _CLOCK = 4.0  # amplitude of the demo TimeSformer's initial clock channels
 _DIMS = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, image_size=96)
+_VJEPA2_DIMS = dict(hidden_size=96, intermediate_size=384)
 
 
 def build(family: str, **overrides: object) -> nn.Module:
-    """An untrained demo model of ``family`` (``joint`` or ``divided``); ``overrides`` change the config."""
+    """An untrained demo model of ``family`` (``joint``, ``divided`` or ``vjepa2``); ``overrides`` change the
+    config (for ``vjepa2``, ``image_size``/``num_frames``/``intermediate_size`` are translated)."""
     from transformers import (
         TimesformerConfig,
         TimesformerForVideoClassification,
@@ -35,6 +45,8 @@ def build(family: str, **overrides: object) -> nn.Module:
     )
 
     labels = {"id2label": dict(enumerate(CLASSES)), "label2id": {c: i for i, c in enumerate(CLASSES)}}
+    if family == "vjepa2":  # narrower (a pooler on top, weights within the demo's size budget)
+        return _build_vjepa2({**_DIMS, **_VJEPA2_DIMS, **labels, **overrides})
     kw = {**_DIMS, **labels, **overrides}
     if family == "joint":
         config = VideoMAEConfig(patch_size=16, num_frames=16, tubelet_size=2, use_mean_pooling=True, **kw)
@@ -61,7 +73,22 @@ def build(family: str, **overrides: object) -> nn.Module:
             emb.patch_embeddings.projection.bias[:clock] = 0.0
         _local_temporal_init(model)
         return model
-    raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {family!r}")
+    raise ValueError(f"family must be one of {', '.join(ALL_FAMILIES)}; got {family!r}")
+
+
+def _build_vjepa2(kw: dict) -> nn.Module:
+    from transformers import VJEPA2Config, VJEPA2ForVideoClassification
+
+    kw = dict(kw)
+    kw["crop_size"] = kw.pop("image_size")
+    kw["mlp_ratio"] = kw.pop("intermediate_size") / kw["hidden_size"]
+    if "num_frames" in kw:
+        kw["frames_per_clip"] = kw.pop("num_frames")
+    predictor = dict(pred_hidden_size=32, pred_num_attention_heads=2, pred_num_hidden_layers=1, pred_num_mask_tokens=1)
+    config = VJEPA2Config(
+        **{"patch_size": 16, "frames_per_clip": 16, "tubelet_size": 2, "num_pooler_layers": 1, **predictor, **kw}
+    )
+    return VJEPA2ForVideoClassification(config)
 
 
 def write_processor_config(out: Path, size: int) -> None:

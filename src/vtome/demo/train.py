@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from vtome.adapters.inputs import clip_kwargs, clip_shape
 from vtome.demo import checkpoints
 from vtome.demo.synth import ClipSpec, is_temporal, make_batch, normalize, reversed_label
 
@@ -33,7 +34,8 @@ def reverse_half(clips: torch.Tensor, labels: torch.Tensor, g: torch.Generator) 
 
 
 def spec_for(model: nn.Module) -> ClipSpec:
-    return ClipSpec(frames=model.config.num_frames, size=model.config.image_size)
+    frames, _, size = clip_shape(model)
+    return ClipSpec(frames=frames, size=size)
 
 
 @torch.inference_mode()
@@ -44,7 +46,7 @@ def evaluate(model: nn.Module, seed: int, split: str, count: int, batch_size: in
     hits = {"appearance": [], "temporal": []}
     for start in range(0, count, batch_size):
         clips, labels = make_batch(seed, split, range(start, min(start + batch_size, count)), spec)
-        pred = model(pixel_values=normalize(clips)).logits.argmax(-1)
+        pred = model(**clip_kwargs(model, normalize(clips))).logits.argmax(-1)
         for label, p in zip(labels.tolist(), pred.tolist()):
             hits["temporal" if is_temporal(label) else "appearance"].append(label == p)
     everything = hits["appearance"] + hits["temporal"]
@@ -90,7 +92,7 @@ def train(
         clips, labels = make_batch(data_seed, "train", range(step * batch_size, (step + 1) * batch_size), spec)
         if reverse:
             clips, labels = reverse_half(clips, labels, torch.Generator().manual_seed(seed * 100_003 + step))
-        loss = model(pixel_values=normalize(clips), labels=labels).loss
+        loss = model(**clip_kwargs(model, normalize(clips)), labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -125,7 +127,7 @@ def train(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vtome.demo.train", description=__doc__)
-    p.add_argument("--family", required=True, choices=sorted(checkpoints.FAMILIES))
+    p.add_argument("--family", required=True, choices=sorted(checkpoints.ALL_FAMILIES))
     p.add_argument("--out", type=Path, help="directory for the trained model (default: the bundled weights)")
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=32)
