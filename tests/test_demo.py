@@ -55,19 +55,69 @@ def test_demo_models_are_builtin_names():
     assert "demo-joint" in names and "demo-divided" in names
 
 
-def test_demo_quick_runs(tmp_path, capsys):
-    out = tmp_path / "demo.json"
-    assert main(["demo", "--quick", "--json", str(out), "--out", str(tmp_path / "viz")]) == 0
-    rows = json.loads(out.read_text())
-    assert {r["model"] for r in rows} == {"demo-joint", "demo-divided"}
-    for model in ("demo-joint", "demo-divided"):
-        mine = [r for r in rows if r["model"] == model]
-        assert [r["mode"] for r in mine] == ["none", "merge", "drop", "random_merge", "random_drop", "hybrid"]
-        assert mine[0]["r"] == 0 and mine[0]["speedup"] == 1.0
-        assert all(r["r"] > 0 and r["flop_ratio"] >= 2.0 for r in mine[1:])
-        for r in mine:
-            assert {"model", "mode", "r", "acc_appearance", "acc_temporal", "speedup"} <= set(r)
-    assert "acc temporal" in capsys.readouterr().out
+def test_demo_quick_writes_every_section_curve_and_pictures(tmp_path, capsys):
+    out, folder = tmp_path / "demo.json", tmp_path / "viz"
+    assert main(["demo", "--quick", "--clips", "30", "--json", str(out), "--out", str(folder)]) == 0
+    report = json.loads(out.read_text())
+    models = list(checkpoints.FAMILIES.values())
+    for model in models:
+        main_rows = [r for r in report["main"] if r["model"] == model]
+        assert [r["mode"] for r in main_rows] == ["none", *vtome.MODES]
+        assert main_rows[0]["r"] == 0 and main_rows[0]["speedup"] == 1.0 and main_rows[0]["flop_ratio"] == 1.0
+        for row in main_rows[1:]:
+            assert row["r"] > 0 and row["flop_ratio"] >= 2.0 and row["speedup"] > 0 and row["clips"] == 30
+            assert {"acc_appearance", "acc_temporal", "latency_ms"} <= set(row)
+        curve = [r for r in report["curve"] if r["model"] == model and r["mode"] == "merge"]
+        ratios = [r["flop_ratio"] for r in curve]
+        assert len(curve) == 3 and ratios == sorted(ratios) and ratios[0] >= 1.5  # one point per reduction asked
+    divided = [r for r in report["schemes"] if r["divided"]]
+    assert {(r["divided"], r["mode"], r["target"]) for r in divided} == {
+        (d, m, t) for d in ("per_frame", "aligned") for m in ("merge", "hybrid") for t in (2.0, 2.5)
+    }
+    assert all(r["speedup"] > 0 for r in report["schemes"])
+    assert {r["model"] for r in report["speed"]} == set(models) and report["reading"]
+    assert (folder / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+    for model in models:
+        assert all((folder / f"{model}_merges.{ext}").exists() for ext in ("png", "gif", "mp4"))
+    printed = capsys.readouterr().out
+    assert "acc temporal" in printed and "speedup" in printed and "interleaved" in printed
+
+
+def test_demo_settings_meet_their_flop_budgets_and_cache_results():
+    from vtome.demo.run import DemoConfig, ModelRun
+
+    run = ModelRun("divided", DemoConfig(clips=15))
+    merge = run.result(run.setting(2.0, "merge"))
+    assert merge.flop_ratio >= 2.0 and merge.r == vtome.settings(merge.patched).r
+    assert run.result(run.setting(2.0, "merge")) is merge  # each setting is evaluated once
+    aligned = run.result(run.setting(2.0, "merge", divided="aligned"))
+    assert vtome.settings(aligned.patched).divided == "aligned" and aligned.row()["divided"] == "aligned"
+    assert run.result({}).row()["mode"] == "none" and run.result({}).flop_ratio == 1.0
+    assert len(merge.hits) == 15 and merge.temporal.sum() == 10  # 5 appearance and 10 temporal classes
+
+
+def test_paired_gap_is_the_mean_difference_with_two_standard_errors():
+    from vtome.demo.run import Result, paired_gap
+
+    temporal = torch.tensor([True] * 8 + [False] * 2)
+    a = Result("m", {}, 0, 1.0, torch.tensor([1, 1, 1, 1, 1, 1, 0, 0, 1, 1]).bool(), temporal)
+    b = Result("m", {}, 0, 1.0, torch.tensor([1, 1, 0, 0, 0, 1, 0, 0, 1, 1]).bool(), temporal)
+    gap, half_width = paired_gap(a, b, "temporal")
+    d = torch.tensor([0, 0, 1, 1, 1, 0, 0, 0.0])
+    assert gap == pytest.approx(3 / 8) and half_width == pytest.approx(2 * float(d.std()) / 8**0.5)
+    assert paired_gap(a, b, "appearance") == (0.0, 0.0)
+    assert a.acc("temporal") == pytest.approx(6 / 8) and a.acc() == pytest.approx(8 / 10)
+
+
+def test_interleaved_timing_rotates_the_order_every_round():
+    from vtome.bench import time_interleaved
+
+    calls = []
+    forwards = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = time_interleaved(forwards, warmup=1, repeats=3)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(t) == 3 and min(t) >= 0 for t in times.values())
 
 
 def test_patched_demo_model_r0_is_exact():
@@ -76,19 +126,3 @@ def test_patched_demo_model_r0_is_exact():
     with torch.no_grad():
         ref = model(pixel_values=clip).logits
         assert torch.equal(vtome.patch(model, r=0)(pixel_values=clip).logits, ref)
-
-
-def test_r_for_flop_ratio_is_the_smallest_r_and_stops_where_merging_saturates():
-    from vtome.demo.run import flop_ratio, r_for_flop_ratio
-
-    model, clip = load_model("demo-divided"), torch.rand(1, 8, 3, 96, 96)
-    probe = vtome.patch(load_model("demo-divided"), r=0)
-
-    def ratio(r):
-        vtome.settings(probe).r = r
-        return flop_ratio(probe, clip)
-
-    r = r_for_flop_ratio(model, 2.0, clip)
-    assert ratio(r) >= 2.0 > ratio(r - 1)
-    r = r_for_flop_ratio(model, 10.0, clip)  # beyond reach: 36 patches per frame run out after a few layers
-    assert r < 36 and ratio(r) == pytest.approx(ratio(1000)) and ratio(r - 1) < ratio(r)

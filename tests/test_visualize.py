@@ -20,7 +20,17 @@ from vtome.data.transforms import preprocess_for
 from vtome.data.video import read_video, write_video
 from vtome.demo.synth import ClipSpec, make_clip
 from vtome.sweep import placement_grid, placements
-from vtome.visualize import clip_from_frames, label_maps, visualize_clip
+from vtome.visualize import (
+    clip_from_frames,
+    compose,
+    describe,
+    display_scale,
+    draw,
+    label_maps,
+    palette,
+    upscale,
+    visualize_clip,
+)
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
 
@@ -95,10 +105,67 @@ def test_cli_writes_png_gif_and_mp4(tmp_path):
     out = tmp_path / "viz"
     assert main(["visualize", str(video), "--model", str(model_dir), "--r", "4", "--out", str(out)]) == 0
     with Image.open(out / "merges.gif") as gif:
-        assert gif.n_frames == 4 and gif.size == (64, 64)
-    assert read_video(out / "merges.mp4").shape == (4, 64, 64, 3)
-    with Image.open(out / "merges.png") as grid:
-        assert grid.size == (4 * 64 + 3 * 2, 64)
+        assert gif.n_frames == 4
+        width, height = gif.size
+        assert width >= 2 * 128 and height > 128  # frame and groups side by side, 16 px patches drawn at 32 px
+    assert read_video(out / "merges.mp4").shape[0] == 4
+    with Image.open(out / "merges.png") as picture:
+        width, height = picture.size
+        assert width > 4 * 128 and height > 2 * 128  # 4 frames over their groups, enlarged 2x, caption, legend
+
+
+def test_picture_has_frames_over_groups_enlarged_with_caption_room():
+    model = tiny("timesformer")
+    clip = clip_from_frames(textured(model), preprocess_for(model))
+    scale = display_scale(16)
+    drawn, groups = visualize_clip(model, clip, scale=scale, r=4)
+    assert drawn.shape == (4, 64 * scale, 64 * scale, 3) and scale * 16 >= 16
+    assert display_scale(4) * 4 >= 16 and display_scale(32) == 2
+    picture = compose(clip.display, drawn, "caption")
+    big = upscale(clip.display, scale)
+    # find the first input frame in the picture: top row holds the enlarged frames, the row below their groups
+    rows, cols = picture.shape[:2]
+    hits = [
+        (y, x)
+        for y in range(0, rows - 128)
+        for x in range(0, cols - 128, 4)
+        if np.array_equal(picture[y, x : x + 128], big[0, 0])
+        and np.array_equal(picture[y + 127, x : x + 128], big[0, 127])
+    ]
+    assert hits, "the original frame is not in the picture"
+    y, x = hits[0]
+    assert np.array_equal(picture[y + 128 + 4 : y + 256 + 4, x : x + 128], drawn[0])  # its groups just below
+    assert y > 14  # room for the caption above
+
+
+def test_groups_of_one_frame_get_distinct_outline_colours():
+    model = tiny("timesformer")  # per-frame merging: token ids of one frame are spread over the sequence
+    clip = clip_from_frames(textured(model), preprocess_for(model))
+    _, groups = visualize_clip(model, clip, r=4)
+    positions, tubelet, patch = adapter_for(model).token_positions(model)
+    labels = label_maps(groups, positions, tubelet, 4, 4)
+    drawn = draw(clip.display, labels, patch, scale=2)
+    frame = labels[0].repeat(32, 0).repeat(32, 1)
+    colours = palette(len(np.unique(labels)))
+    outline = {}
+    for g in np.unique(labels[0]):
+        ys, xs = np.nonzero(frame == g)
+        edge = drawn[0, ys.min(), xs[ys == ys.min()].min()]  # top-left corner pixel of the group: an outline
+        outline[int(g)] = tuple(edge)
+    assert len(set(outline.values())) == len(outline)  # every group in the frame has its own colour
+    assert all(any(np.allclose(c, colours[k], atol=1) for k in range(len(colours))) for c in outline.values())
+
+
+def test_caption_names_model_r_and_tokens_left():
+    model = tiny("videomae")
+    clip = clip_from_frames(textured(model), preprocess_for(model))
+    _, groups = visualize_clip(model, clip, r=5)
+    text = describe(model, "tiny", groups, r=5)
+    assert text.startswith("tiny") and "r=5" in text and f"layer {3} of 3" in text
+    assert f"{64 - 15} of 64 tokens left" in text
+    _, groups = visualize_clip(model, clip, layer=0, r=5, mode="drop")
+    text = describe(model, "tiny", groups, layer=0, r=5, mode="drop")
+    assert "after layer 1 of 3" in text and "59 of 64 tokens left, 5 input tokens dropped" in text
 
 
 def test_splice_crossings():

@@ -352,3 +352,25 @@ def plot_speedup(report: dict[str, object], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def time_interleaved(
+    forwards: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 5, device: str = "cpu"
+) -> dict[str, list[float]]:
+    """Wall-clock seconds of each call in ``forwards`` ``{name: fn}``, by the benchmark's method: every call
+    is warmed up, then each round runs all of them once, starting one further along each round, so that
+    background load and drift land on all of them alike. Take medians of the returned lists."""
+    names = list(forwards)
+    for name in names:
+        for _ in range(warmup):
+            forwards[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            _sync(device)
+            start = time.perf_counter()
+            forwards[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times

@@ -300,70 +300,56 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="offline demo: bundled models on generated clips, every mode at ~2x fewer FLOPs",
-        description="Accuracy (appearance and temporal classes) and speed of the two bundled demo models, "
-        "unpatched and in every reduction mode at about half the FLOPs, on generated held-out clips.",
+        help="offline demo: bundled models on generated clips, every mode, accuracy vs FLOPs, measured speed",
+        description="Accuracy (appearance and temporal classes) of the bundled demo models, unpatched and in "
+        "every reduction mode at several FLOP reductions, on generated held-out clips; measured speedups "
+        "(interleaved timing); matching orders, schemes and placements; a curve PNG and merge pictures.",
     )
-    p.add_argument("--quick", action="store_true", help="45 clips per model instead of 300 (seconds, for tests)")
-    p.add_argument("--clips", type=int, default=None, help="held-out clips per model (default 300)")
-    p.add_argument("--flop-ratio", type=float, default=2.0, help="FLOP reduction to reach (default 2.0)")
+    p.add_argument("--quick", action="store_true", help="150 clips per model, fewer reductions and sections")
+    p.add_argument("--clips", type=int, default=None, help="held-out clips per model (default 600; --quick 150)")
+    p.add_argument("--flop-ratio", type=float, default=2.0, help="FLOP reduction of the main table (default 2.0)")
     p.add_argument("--threshold", type=float, default=0.8, help="hybrid threshold (default 0.8, the paper's VideoMAE)")
-    p.add_argument("--json", metavar="FILE", help="write the rows as JSON")
-    p.add_argument("--out", metavar="DIR", default="demo_out", help="where the merge visualisation goes")
+    p.add_argument("--no-timing", action="store_true", help="skip the speed measurement")
+    p.add_argument("--json", metavar="FILE", help="write every section as JSON")
+    p.add_argument("--out", metavar="DIR", default="demo_out", help="where the curve and merge pictures go")
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
     from rich.console import Console
-    from rich.table import Table
 
-    from vtome.demo.run import DemoConfig, run_demo, write_visualizations
+    from vtome.demo.report import print_report
+    from vtome.demo.run import DemoConfig, plot_curves, run_demo, write_visualizations
 
-    clips = args.clips or (45 if args.quick else 300)
-    if clips < 15 or args.flop_ratio <= 1.0:
+    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    cfg = dataclasses.replace(
+        cfg, clips=args.clips or cfg.clips, target=args.flop_ratio, threshold=args.threshold, timing=not args.no_timing
+    )
+    if cfg.clips < 15 or cfg.target <= 1.0:
         raise ValueError("--clips must be >= 15 (one clip per class) and --flop-ratio > 1")
     out = Console(width=None if Console().is_terminal else 140)
-    cfg = DemoConfig(clips=clips, target_flop_ratio=args.flop_ratio, threshold=args.threshold)
+    ratios = ", ".join(f"{r:g}x" for r in cfg.ratios)
     out.print(
-        f"[bold]vtome demo[/]: {clips} generated held-out clips per model; merging at ~{cfg.target_flop_ratio}x "
-        "fewer FLOPs"
+        f"[bold]vtome demo[/]: {cfg.clips} generated held-out clips per model (appearance classes: what the object "
+        f"is; temporal classes: how it moves); every mode at {ratios} fewer FLOPs"
     )
-    table = Table()
-    for col in ("model", "mode", "r", "acc appearance", "acc temporal", "FLOP ratio", "clips/s", "speedup"):
-        table.add_column(col, justify="right" if col not in ("model", "mode") else "left")
     with out.status("running") as status:
-
-        def show(row: dict) -> None:
-            status.update(f"{row['model']} {row['mode']} done")
-            table.add_row(
-                row["model"],
-                "unpatched" if row["r"] == 0 else row["mode"],
-                str(row["r"]),
-                f"{row['acc_appearance']:.1%}",
-                f"{row['acc_temporal']:.1%}",
-                f"{row['flop_ratio']:.2f}x",
-                f"{row['clips_per_s']:.1f}",
-                f"{row['speedup']:.2f}x",
-            )
-
-        rows = run_demo(cfg, on_row=show)
-    out.print(table)
-    out.print(
-        "r counts tokens merged per layer (per frame for demo-divided); speedup is measured while evaluating "
-        "(use `vtome bench` for careful timings)."
-    )
-    short = {r["model"]: r for r in rows if r["r"] and r["flop_ratio"] < cfg.target_flop_ratio - 0.05}
-    for name, row in short.items():
-        out.print(
-            f"[yellow]{name} cannot reach {cfg.target_flop_ratio}x fewer FLOPs: from r={row['r']} every layer "
-            f"merges all it can ({row['flop_ratio']:.2f}x)[/]"
-        )
+        report = run_demo(cfg, on_step=lambda msg: status.update(msg))
+    print_report(report, cfg, out)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    curve = folder / "accuracy_vs_flops.png"
+    plot_curves(report["curve"], str(curve), f"{cfg.clips} held-out clips per model")
+    out.print(f"accuracy vs FLOPs (every model and mode, unpatched as the dashed line): {curve}")
+    pictures = write_visualizations(str(folder), cfg)
+    out.print("merge groups of one held-out clip (PNG: frames over their groups; GIF, MP4): " + ", ".join(pictures))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(report, f, indent=2)
         out.print(f"wrote {args.json}")
-    pictures = write_visualizations(args.out, cfg)
-    out.print("merge groups of one held-out clip (PNG grid, GIF, MP4): " + ", ".join(pictures))
     return 0
 
 

@@ -1,127 +1,378 @@
-"""``vtome demo``: the method end to end, offline, on the bundled models and generated held-out clips."""
+"""``vtome demo``: the method end to end, offline, on the bundled models and generated held-out clips.
+
+For every bundled model (``checkpoints.FAMILIES``) the demo measures, on the same held-out clips:
+
+- ``curve``: appearance and temporal accuracy of every reduction mode at several FLOP reductions (the
+  paper's Figure 3), unpatched as the reference; ``main`` is its slice at the target reduction;
+- ``speed``: measured speedups by the benchmark's interleaved method (:func:`vtome.bench.time_interleaved`:
+  the unpatched model and every variant alternate in rotating rounds; medians), for the main table and the
+  scheme comparison;
+- ``order``: the published A/B order against the spatial order (merge mode);
+- ``schemes``: merge and hybrid at two reductions, and for divided space-time models per-frame against
+  aligned matching;
+- ``placement``: merging in all layers, the first half or the second half, at equal FLOPs.
+
+Accuracy differences between two settings are paired (the same clips), with a ~95% interval of
+``2 x`` their standard error, so a reader can tell a real gap from sampling noise.
+"""
 
 from __future__ import annotations
 
 import copy
-import time
+import statistics
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 
 import vtome
+from vtome.adapters import adapter_for
 from vtome.demo import checkpoints
 from vtome.demo.synth import ClipSpec, is_temporal, make_batch, make_clip, normalize
+from vtome.flops import BudgetWarning
 from vtome.merger import CapWarning
-from vtome.patch import last_run_flops
 
-MODES = ("merge", "drop", "random_merge", "random_drop", "hybrid")
+MODES = vtome.MODES
+FAMILY_NAMES = {"appearance": "acc_appearance", "temporal": "acc_temporal"}
 
 
 @dataclass
 class DemoConfig:
-    clips: int = 300  # held-out clips per model (20 per class)
-    target_flop_ratio: float = 2.0
+    """What ``vtome demo`` measures; the defaults are the full run (a few minutes on 2 CPU cores)."""
+
+    clips: int = 600  # held-out clips per model (40 per class)
+    ratios: tuple[float, ...] = (1.25, 1.5, 2.0, 2.5, 3.0)  # FLOP reductions on the curve
+    target: float = 2.0  # the main table's reduction
+    second: float = 2.5  # the scheme tables' second reduction
+    placement_ratio: float = 1.25  # reduction at which merging placements are compared (every half reaches it)
     threshold: float = 0.8  # hybrid: the paper's VideoMAE value
-    batch_size: int = 25
+    batch_size: int = 50
     seed: int = 0  # data seed of the bundled models' held-out split
+    timing: bool = True
+    time_batch: int = 8
+    time_rounds: int = 15
+    time_warmup: int = 2
+    sections: tuple[str, ...] = ("curve", "order", "schemes", "placement")
+    families: tuple[str, ...] | None = None  # default: every bundled model
+
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        """The seconds-long check: fewer clips, reductions and timing rounds; every section still runs."""
+        return cls(clips=150, ratios=(1.5, 2.0, 2.5), time_rounds=7, time_warmup=1, sections=("curve", "schemes"))
 
 
-def flop_ratio(model: nn.Module, clip: torch.Tensor) -> float:
-    """FLOP ratio (unpatched / patched) of a patched ``model`` from one forward of ``clip``."""
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", CapWarning)
-        model(pixel_values=clip)
-    unmerged, merged = last_run_flops(model)
-    return unmerged / merged
+@dataclass
+class Result:
+    """Accuracy of one setting of one model on the held-out clips; ``hits`` ``[clips]`` bool, one per clip."""
+
+    model: str
+    setting: dict
+    r: object
+    flop_ratio: float
+    hits: torch.Tensor
+    temporal: torch.Tensor  # [clips] bool
+    patched: nn.Module | None = field(default=None, repr=False)
+
+    def acc(self, family: str | None = None) -> float:
+        hits = self.hits if family is None else self.hits[self.temporal == (family == "temporal")]
+        return float(hits.float().mean()) if len(hits) else float("nan")
+
+    def row(self, **extra: object) -> dict:
+        """A JSON-ready summary (accuracies in [0, 1]); ``extra`` fields are added."""
+        live = vtome.settings(self.patched) if self.setting else None
+        return {
+            "model": self.model,
+            "mode": live.mode if live else "none",
+            "order": live.order if live else None,
+            "divided": live.divided if live else None,
+            "layers": live.layers if live else None,
+            "r": self.r,
+            "flop_ratio": round(self.flop_ratio, 3),
+            "acc": self.acc(),
+            "acc_appearance": self.acc("appearance"),
+            "acc_temporal": self.acc("temporal"),
+            "clips": len(self.hits),
+            **extra,
+        }
 
 
-def r_for_flop_ratio(model: nn.Module, target: float, clip: torch.Tensor) -> int:
-    """Smallest constant ``r`` at which a merged copy of ``model`` reaches ``target`` FLOP ratio; where no ``r``
-    does (every layer already merges all it can), the smallest ``r`` reaching the largest ratio there is."""
-    probe = vtome.patch(copy.deepcopy(model), r=0)
-
-    def ratio_at(r: int) -> float:
-        vtome.settings(probe).r = r
-        return flop_ratio(probe, clip)
-
-    hi = max(1, probe.config.hidden_size)  # grows until the target is reached or r stops mattering
-    while (best := ratio_at(hi)) < target and hi <= 10_000:
-        hi *= 2
-    goal, lo = min(target, best) - 1e-9, 0
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if ratio_at(mid) >= goal else (mid, hi)
-    return hi
+def paired_gap(a: Result, b: Result, family: str | None = None) -> tuple[float, float]:
+    """Accuracy of ``a`` minus ``b`` on the same clips (of ``family``) and ~95% half-width (2 standard errors)."""
+    keep = torch.ones_like(a.hits) if family is None else a.temporal == (family == "temporal")
+    d = a.hits[keep].float() - b.hits[keep].float()
+    n = len(d)
+    if n < 2:
+        return float(d.mean()) if n else float("nan"), float("nan")
+    return float(d.mean()), 2 * float(d.std()) / n**0.5
 
 
-def _accuracy(model: nn.Module, clips: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[dict, float]:
-    hits = {"appearance": [], "temporal": []}
-    start = time.perf_counter()
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", CapWarning)
-        for i in range(0, len(clips), batch):
-            pred = model(pixel_values=clips[i : i + batch]).logits.argmax(-1)
-            for label, p in zip(labels[i : i + batch].tolist(), pred.tolist()):
-                hits["temporal" if is_temporal(label) else "appearance"].append(label == p)
-    seconds = time.perf_counter() - start
-    acc = {k: sum(v) / max(len(v), 1) for k, v in hits.items()}
-    both = hits["appearance"] + hits["temporal"]
-    return {"acc": sum(both) / len(both), "acc_appearance": acc["appearance"], "acc_temporal": acc["temporal"]}, (
-        len(clips) / seconds
-    )
+class ModelRun:
+    """One bundled model, its held-out clips, and a cache of evaluated settings (each setting runs once)."""
 
-
-def run_demo(cfg: DemoConfig, on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    """Accuracy and speed of each bundled model unpatched and in every mode at ~``target_flop_ratio``."""
-    rows = []
-    for family, name in checkpoints.FAMILIES.items():
-        base = checkpoints.load(family)
-        spec = ClipSpec(frames=base.config.num_frames, size=base.config.image_size)
+    def __init__(self, family: str, cfg: DemoConfig) -> None:
+        self.family, self.name, self.cfg = family, checkpoints.FAMILIES[family], cfg
+        self.base = checkpoints.load(family)
+        spec = ClipSpec(frames=self.base.config.num_frames, size=self.base.config.image_size)
         clips, labels = make_batch(cfg.seed, "test", range(cfg.clips), spec)
-        clips = normalize(clips)
-        r = r_for_flop_ratio(base, cfg.target_flop_ratio, clips[:1])
-        variants = [("none", 0, base)]
-        for mode in MODES:
-            model = vtome.patch(copy.deepcopy(base), r=r, mode=mode, threshold=cfg.threshold, seed=0)
-            variants.append((mode, r, model))
-        base_speed = None
-        for mode, r_used, model in variants:
-            acc, speed = _accuracy(model, clips, labels, cfg.batch_size)
-            base_speed = base_speed or speed
-            row = {
-                "model": name,
-                "architecture": type(base).__name__,
-                "mode": mode,
-                "r": r_used,
-                **acc,
-                "flop_ratio": 1.0 if r_used == 0 else flop_ratio(model, clips[:1]),
-                "clips_per_s": speed,
-                "speedup": speed / base_speed,
-                "clips": len(clips),
+        self.clips, self.labels = normalize(clips), labels
+        self.temporal = torch.tensor([is_temporal(y) for y in labels.tolist()])
+        self.divided = adapter_for(self.base).layout(self.base).frames is not None
+        self._cache: dict[str, Result] = {}
+
+    def patched(self, **setting: object) -> nn.Module:
+        """A patched copy of the model (``setting`` goes to :func:`vtome.patch`; empty: unpatched)."""
+        if not setting:
+            return self.base
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BudgetWarning)
+            return vtome.patch(copy.deepcopy(self.base), **setting)
+
+    def setting(self, ratio: float | None = None, mode: str = "merge", **extra: object) -> dict:
+        """Patch arguments for ``mode`` at ``ratio`` x fewer FLOPs (None: unpatched)."""
+        if ratio is None:
+            return {}
+        s = {"mode": mode, "flops": 1.0 / ratio, **extra}
+        if mode == "hybrid":
+            s["threshold"] = self.cfg.threshold
+        if mode.startswith("random"):
+            s["seed"] = 0
+        return s
+
+    def result(self, setting: dict) -> Result:
+        key = _key(setting)
+        if key not in self._cache:
+            model = self.patched(**setting)
+            hits = []
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", CapWarning)
+                for i in range(0, len(self.clips), self.cfg.batch_size):
+                    pred = model(pixel_values=self.clips[i : i + self.cfg.batch_size]).logits.argmax(-1)
+                    hits.append(pred == self.labels[i : i + self.cfg.batch_size])
+            ratio = vtome.last_run(model).flop_ratio if setting else 1.0
+            r = vtome.settings(model).r if setting else 0
+            self._cache[key] = Result(self.name, dict(setting), r, ratio, torch.cat(hits), self.temporal, model)
+        return self._cache[key]
+
+    def speedups(self, settings: list[dict]) -> dict[str, dict]:
+        """Measured speedup of each setting over the unpatched model, all timed interleaved (medians)."""
+        from vtome.bench import time_interleaved
+
+        x = self.clips[: self.cfg.time_batch]
+        forwards: dict[str, Callable[[], object]] = {}
+        for s in [{}] + settings:
+            model = self.result(s).patched if s else self.base
+
+            def forward(model: nn.Module = model) -> object:
+                with torch.inference_mode(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", CapWarning)
+                    return model(pixel_values=x)
+
+            forwards[_key(s)] = forward
+        times = time_interleaved(forwards, self.cfg.time_warmup, self.cfg.time_rounds)
+        base = times[_key({})]
+        out = {}
+        for key, t in times.items():
+            per_round = sorted(b / v for b, v in zip(base, t))  # baseline and variant timed in the same round
+            quart = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+            out[key] = {
+                "latency_ms": statistics.median(t) * 1e3,
+                "speedup": statistics.median(base) / statistics.median(t),
+                "speedup_iqr": [quart[0], quart[2]],
             }
-            rows.append(row)
-            if on_row:
-                on_row(row)
-    return rows
+        return out
 
 
-def write_visualizations(out: str, cfg: DemoConfig, clip_index: int = 7) -> list[str]:
-    """Merge groups of one held-out clip for each bundled model (merge mode, the demo's r), under ``out``."""
+def _key(setting: dict) -> str:
+    return repr(sorted(setting.items()))
+
+
+def run_demo(cfg: DemoConfig, on_step: Callable[[str], None] | None = None) -> dict:
+    """Every section of the demo for every bundled model: ``{section: rows}``, ``reading`` (sentences) and
+    ``config``. Sections: ``main``, ``curve``, ``speed``, ``order``, ``schemes``, ``placement``."""
+    step = on_step or (lambda _msg: None)
+    out: dict[str, list] = {"main": [], "curve": [], "speed": [], "order": [], "schemes": [], "placement": []}
+    runs = []
+    for family in cfg.families or tuple(checkpoints.FAMILIES):
+        step(f"{checkpoints.FAMILIES[family]}: generating {cfg.clips} held-out clips")
+        run = ModelRun(family, cfg)
+        runs.append(run)
+        ratios = sorted({*cfg.ratios, cfg.target})
+        out["curve"].append(run.result({}).row(target=1.0))
+        for mode in MODES:
+            step(f"{run.name}: {mode} at {', '.join(f'{r:g}x' for r in ratios)}")
+            out["curve"] += [run.result(run.setting(ratio, mode)).row(target=ratio) for ratio in ratios]
+        main = [{}] + [run.setting(cfg.target, mode) for mode in MODES]
+        schemes = _scheme_settings(run, cfg) if "schemes" in cfg.sections else []
+        timed: dict[str, dict] = {}
+        if cfg.timing:
+            step(f"{run.name}: timing every variant, interleaved")
+            extra = [s for s, _ in schemes if _key(s) not in {_key(m) for m in main}]
+            timed = run.speedups(main[1:] + extra)
+            for s in main + extra:
+                out["speed"].append({**run.result(s).row(), **timed[_key(s)], "batch_size": cfg.time_batch})
+        out["main"] += [run.result(s).row(target=cfg.target, **_speed(timed, s)) for s in main]
+        if "order" in cfg.sections:
+            step(f"{run.name}: matching orders")
+            for ratio in (cfg.target, cfg.second):
+                for order in ("paper", "spatial"):
+                    s = run.setting(ratio, "merge", **({"order": order} if order != "paper" else {}))
+                    out["order"].append(run.result(s).row(target=ratio, order=order))
+        for s, ratio in schemes:
+            out["schemes"].append(run.result(s).row(target=ratio, **_speed(timed, s)))
+        if "placement" in cfg.sections:
+            step(f"{run.name}: merging placements")
+            n = run.base.config.num_hidden_layers
+            for label, layers in placement_layers(n).items():
+                s = run.setting(cfg.placement_ratio, "merge", **({"layers": layers} if layers else {}))
+                out["placement"].append(run.result(s).row(target=cfg.placement_ratio, placement=label))
+    out["reading"] = reading(runs, cfg)
+    out["config"] = asdict(cfg)
+    return out
+
+
+def placement_layers(num_layers: int) -> dict[str, list[int] | None]:
+    """Where to merge: every layer (None), the first half or the second half of ``num_layers``."""
+    half = num_layers // 2
+    return {"all layers": None, "first half": list(range(half)), "second half": list(range(half, num_layers))}
+
+
+def _scheme_settings(run: ModelRun, cfg: DemoConfig) -> list[tuple[dict, float]]:
+    """Merge and hybrid at the two reductions; per-frame and aligned for a divided space-time model."""
+    schemes = ("per_frame", "aligned") if run.divided else (None,)
+    return [
+        (run.setting(ratio, mode, **({"divided": d} if d == "aligned" else {})), ratio)
+        for ratio in (cfg.target, cfg.second)
+        for mode in ("merge", "hybrid")
+        for d in schemes
+    ]
+
+
+def _speed(timed: dict, setting: dict) -> dict:
+    t = timed.get(_key(setting))
+    return {} if t is None else dict(t)
+
+
+def reading(runs: list[ModelRun], cfg: DemoConfig, tol: float = 0.02) -> list[str]:
+    """A few sentences reading the curve: which mode wins at the target reduction and by how much (paired,
+    ±2 standard errors), how far each mode goes within ``tol`` of unpatched, and joint vs divided."""
+    lines = []
+    ratios = sorted({*cfg.ratios, cfg.target})
+    for run in runs:
+        none, merge = run.result({}), run.result(run.setting(cfg.target, "merge"))
+        for family in ("temporal", "appearance"):
+            others = [
+                (mode, *paired_gap(merge, run.result(run.setting(cfg.target, mode)), family)) for mode in MODES[1:]
+            ]
+            head = (
+                f"{run.name}, {family} classes at {cfg.target:g}x fewer FLOPs: merge {merge.acc(family):.1%} "
+                f"(unpatched {none.acc(family):.1%})"
+            )
+            if all(abs(run.result(run.setting(cfg.target, m)).acc(family) - none.acc(family)) < tol for m in MODES):
+                lines.append(f"{head}; every mode within {tol * 100:.0f} points of unpatched.")
+                continue
+            parts = []
+            for mode, gap, ci in sorted(others, key=lambda o: -o[1]):
+                if abs(gap) <= ci or gap == 0:
+                    parts.append(f"ties with {mode} ({_pts(gap)} ± {ci * 100:.1f})")
+                else:
+                    parts.append(
+                        f"{'beats' if gap > 0 else 'loses to'} {mode} by {abs(gap) * 100:.1f} ± {ci * 100:.1f}"
+                    )
+            lines.append(f"{head}; merge " + ", ".join(parts) + " pts.")
+        held = []
+        for mode in MODES:
+            ok = [r for r in ratios if _within(run, none, mode, r, tol)]
+            reach = ok[-1] if ok and ok == ratios[: len(ok)] else None
+            held.append(f"{mode} to {reach:g}x" if reach else f"{mode} not at {ratios[0]:g}x")
+        lines.append(
+            f"{run.name} stays within {tol * 100:.0f} points of unpatched on both class families: "
+            + ", ".join(held)
+            + "."
+        )
+    if len(runs) > 1:
+        losses = []
+        for run in runs:
+            none, merge = run.result({}), run.result(run.setting(cfg.target, "merge"))
+            losses.append((run.name, merge.acc("temporal") - none.acc("temporal")))
+        worst = min(losses, key=lambda x: x[1])
+        lines.append(
+            f"Temporal classes, merge at {cfg.target:g}x vs unpatched: "
+            + ", ".join(f"{name} {_pts(loss)}" for name, loss in losses)
+            + f"; {worst[0]} loses the most."
+        )
+    return lines
+
+
+def _within(run: ModelRun, none: Result, mode: str, ratio: float, tol: float) -> bool:
+    res = run.result(run.setting(ratio, mode))
+    return all(res.acc(f) >= none.acc(f) - tol for f in ("appearance", "temporal"))
+
+
+def _pts(x: float) -> str:
+    return f"{x * 100:+.1f}".replace("-0.0", "+0.0")
+
+
+def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
+    """PNG of accuracy against FLOP reduction, one panel per model and class family, one line per mode,
+    the unpatched accuracy as a dashed reference line (the paper's Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), 2, figsize=(9, 2.8 * len(models)), squeeze=False, sharex=True, sharey="row")
+    styles = {"merge": "o-", "drop": "s--", "random_merge": "v-", "random_drop": "^--", "hybrid": "D:"}
+    for i, model in enumerate(models):
+        mine = [r for r in rows if r["model"] == model]
+        none = next(r for r in mine if r["mode"] == "none")
+        for j, (family, key) in enumerate(FAMILY_NAMES.items()):
+            ax = axes[i][j]
+            ax.axhline(100 * none[key], color="k", ls="--", lw=1, label="unpatched")
+            for mode in MODES:
+                pts = sorted((r["flop_ratio"], 100 * r[key]) for r in mine if r["mode"] == mode)
+                ax.plot([1.0] + [p[0] for p in pts], [100 * none[key]] + [p[1] for p in pts], styles[mode], label=mode)
+            ax.set_title(f"{model} · {family} classes", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("accuracy (%)")
+            ax.grid(alpha=0.3)
+            if i == len(models) - 1:
+                ax.set_xlabel("FLOP reduction (unpatched / patched FLOPs)")
+    axes[0][1].legend(fontsize=7, loc="lower left", ncol=2)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_visualizations(
+    out: str, cfg: DemoConfig, clip_index: int = 7, families: Iterable[str] | None = None
+) -> list[str]:
+    """Merge pictures of one held-out clip for each bundled model (merge mode at the target reduction):
+    PNG (frames over their merge groups), GIF and MP4 under ``out``; returns the PNG paths."""
     from vtome.data.transforms import preprocess_for
-    from vtome.visualize import clip_from_frames, save_frames, visualize_clip
+    from vtome.demo.synth import CLASSES
+    from vtome.visualize import clip_from_frames, describe, display_scale, save_visualization, visualize_clip
     from vtome.zoo import model_source
 
     written = []
-    for family, name in checkpoints.FAMILIES.items():
+    for family in families or cfg.families or tuple(checkpoints.FAMILIES):
+        name = checkpoints.FAMILIES[family]
         model = checkpoints.load(family)
         spec = ClipSpec(frames=model.config.num_frames, size=model.config.image_size)
-        clip, _ = make_clip(cfg.seed, "test", clip_index, spec)
+        clip, label = make_clip(cfg.seed, "test", clip_index, spec)
         frames = (clip.permute(0, 2, 3, 1) * 255).round().byte().numpy()
         shown = clip_from_frames(frames, preprocess_for(model, model_source(name)))
-        r = r_for_flop_ratio(model, cfg.target_flop_ratio, shown.pixel_values)
-        drawn, _ = visualize_clip(model, shown, r=r)
-        written.append(str(save_frames(drawn, out, name=f"{name}_merges")["png"]))
+        setting = {"flops": 1.0 / cfg.target}
+        scale = display_scale(model.config.patch_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BudgetWarning)
+            drawn, groups = visualize_clip(model, shown, fill="colour", scale=scale, **setting)
+            caption = describe(model, name, groups, **setting)
+        caption += f" · {cfg.target:g}x fewer FLOPs · clip: {CLASSES[label]}"
+        paths = save_visualization(shown.display, drawn, out, caption, name=f"{name}_merges", fill="colour")
+        written.append(str(paths["png"]))
     return written
