@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vtome.adapters.inputs import clip_shape
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The Hugging Face processors' defaults per architecture, used when a model has no processor file.
 _FAMILY_DEFAULTS = {
@@ -55,8 +57,6 @@ class Preprocess:
 def preprocess_for(model: torch.nn.Module, source: str | os.PathLike | None = None) -> Preprocess:
     """Preprocessing for ``model``: frame count and crop from its config; resize and mean/std from the
     image processor JSON in ``source`` (a model directory) when there is one, else the family's defaults."""
-    from vtome.adapters.inputs import clip_shape
-
     config = model.config
     frames, _, crop = clip_shape(model)
     mean, std = _FAMILY_DEFAULTS.get(config.model_type, (IMAGENET_MEAN, IMAGENET_STD))
