@@ -194,8 +194,8 @@ def _bench(args: argparse.Namespace) -> int:
         )
     out.print(table)
     out.print(
-        "GFLOPs per clip, transformer layers only; 'of bound' = speedup / FLOP ratio; "
-        "'merge time' = share of the forward spent matching and merging (profiler)."
+        "GFLOPs per clip, transformer layers only (plus the attentive pooler for V-JEPA 2); "
+        "'of bound' = speedup / FLOP ratio; 'merge time' = share of the forward spent matching and merging (profiler)."
     )
     if args.json:
         with open(args.json, "w") as f:
