@@ -71,9 +71,39 @@ def test_cli_writes_json_with_every_field_and_a_plot(tiny_dir, tmp_path, capsys)
         if row["r"] == 0:
             assert row["speedup"] == 1.0 and row["flop_ratio"] == 1.0 and row["overhead_share"] == 0.0
         else:
-            assert row["flop_ratio"] > 1.0 and 0.0 < row["overhead_share"] < 1.0
+            assert row["flop_ratio"] > 1.0 and 0.0 <= row["overhead_share"] < 1.0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "speedup" in capsys.readouterr().out
+
+
+def test_merge_share_finds_a_slow_merge_step_and_leaves_the_model_as_it_was(monkeypatch):
+    import vtome
+    from vtome.bench import merge_share
+    from vtome.merger import Merger
+    from vtome.patch import merger
+
+    model = vtome.patch(tiny("videomae", num_hidden_layers=2), r=4)
+    x = torch.randn(1, 8, 3, 64, 64)
+    with torch.inference_mode():
+        want = model(pixel_values=x).logits
+
+    def forward():
+        with torch.inference_mode():
+            return model(pixel_values=x)
+
+    real = Merger.merge
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.02)  # 2 layers x 20 ms: far more than the tiny model's forward
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Merger, "merge", slow)
+    assert merge_share(model, forward, "cpu", repeats=3) > 0.5
+    monkeypatch.setattr(Merger, "merge", real)
+    assert 0.0 <= merge_share(model, forward, "cpu", repeats=3) < 1.0
+    assert not {"merge", "metric"} & set(vars(merger(model)))  # the instrumentation is gone
+    with torch.inference_mode():
+        torch.testing.assert_close(model(pixel_values=x).logits, want, rtol=0, atol=0)
 
 
 def test_cpu_peak_memory_sees_a_known_allocation():
@@ -125,7 +155,7 @@ def test_compiled_bench_reports_unknown_merge_share(tiny_dir, tmp_path):
     argv = ["bench", "--model", tiny_dir, "--r", "0,4", "--warmup", "0", "--repeats", "1", "--compile"]
     assert main([*argv, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert rows[1]["overhead_share"] is None  # a compiled model fuses the merge away from the profiler
+    assert rows[1]["overhead_share"] is None  # a compiled model fuses the merge step into its graph
     assert rows[1]["flop_ratio"] > 1.0
 
 

@@ -67,6 +67,8 @@ def test_demo_quick_writes_every_section_curve_and_pictures(tmp_path, capsys):
         for row in main_rows[1:]:
             assert row["r"] > 0 and row["flop_ratio"] >= 2.0 and row["speedup"] > 0 and row["clips"] == 30
             assert {"acc_appearance", "acc_temporal", "latency_ms"} <= set(row)
+            lo, hi = row["speedup_iqr"]
+            assert 0 < lo <= hi
         curve = [r for r in report["curve"] if r["model"] == model and r["mode"] == "merge"]
         ratios = [r["flop_ratio"] for r in curve]
         assert len(curve) == 3 and ratios == sorted(ratios) and ratios[0] >= 1.5  # one point per reduction asked
@@ -75,12 +77,31 @@ def test_demo_quick_writes_every_section_curve_and_pictures(tmp_path, capsys):
         (d, m, t) for d in ("per_frame", "aligned") for m in ("merge", "hybrid") for t in (2.0, 2.5)
     }
     assert all(r["speedup"] > 0 for r in report["schemes"])
+    assert report["order"] == [] and report["placement"] == []  # full run only
     assert {r["model"] for r in report["speed"]} == set(models) and report["reading"]
     assert (folder / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
     for model in models:
         assert all((folder / f"{model}_merges.{ext}").exists() for ext in ("png", "gif", "mp4"))
     printed = capsys.readouterr().out
     assert "acc temporal" in printed and "speedup" in printed and "interleaved" in printed
+
+
+def test_demo_order_and_placement_sections():
+    from vtome.demo.run import DemoConfig, run_demo
+
+    cfg = DemoConfig(clips=15, ratios=(2.0,), timing=False, sections=("order", "placement"), families=("joint",))
+    report = run_demo(cfg)
+    assert {(r["order"], r["target"]) for r in report["order"]} == {
+        (o, t) for o in ("paper", "spatial") for t in (2.0, 2.5)
+    }
+    assert all(r["flop_ratio"] >= r["target"] for r in report["order"])
+    placed = {r["placement"]: r for r in report["placement"]}
+    assert list(placed) == ["all layers", "first half", "second half"]
+    assert placed["all layers"]["layers"] is None
+    assert placed["first half"]["layers"] == [0, 1] and placed["second half"]["layers"] == [2, 3]
+    assert all(r["flop_ratio"] >= 1.25 for r in placed.values())
+    assert placed["second half"]["r"] > placed["first half"]["r"] > placed["all layers"]["r"]  # equal FLOPs
+    assert report["speed"] == [] and report["schemes"] == []
 
 
 def test_demo_settings_meet_their_flop_budgets_and_cache_results():

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vtome.merge import group_index
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -58,3 +60,26 @@ class Layout:
         groups = groups.reshape(b, f, n, d)
         groups = (groups.transpose(1, 2) if self.time_minor else groups).reshape(b, n * f, d)
         return torch.cat([head, groups], dim=1)
+
+    def token_index(self, dest: Tensor, out_slots: int, spare: bool) -> tuple[Tensor, int]:
+        """Rows for :func:`vtome.merge.sum_tokens` that apply group destinations straight to the model's
+        tokens ``[B, N, D]``, without regrouping them: ``dest`` ``[G, n]`` (as from :meth:`split`; -1 where a
+        token is discarded) with ``out_slots`` tokens left per group -> (row index ``[B * N]``, ``N'`` tokens
+        per clip). Set-aside tokens stay in front; with ``spare``, discarded tokens go to row ``B * N'``."""
+        if self.frames is None:
+            return group_index(dest, out_slots, spare), out_slots
+        p, f = self.protected, self.frames
+        b = dest.shape[0] // f
+        out_tokens = p + f * out_slots
+        slot = dest.view(b, f, -1)  # [B, T, n]
+        frame = torch.arange(f, device=dest.device).view(1, f, 1)
+        clip = torch.arange(0, b * out_tokens, out_tokens, device=dest.device).view(b, 1, 1)  # first row of each clip
+        row = clip + p + (slot * f + frame if self.time_minor else frame * out_slots + slot)
+        if spare:
+            row = torch.where(slot >= 0, row, b * out_tokens)
+        if self.time_minor:  # model order: slot-major
+            row = row.transpose(1, 2)
+        row = row.reshape(b, -1)
+        if p:
+            row = torch.cat((clip.view(b, 1) + torch.arange(p, device=dest.device), row), dim=1)
+        return row.reshape(-1), out_tokens

@@ -41,7 +41,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 MODES: tuple[str, ...] = ("merge", "drop", "random_merge", "random_drop", "hybrid")
@@ -49,15 +48,16 @@ HEAD_AGGREGATIONS: tuple[str, ...] = ("mean", "concat")
 ORDERS: tuple[str, ...] = ("paper", "spatial")
 
 
-def aggregate_heads(keys: Tensor, num_heads: int, how: str = "mean") -> Tensor:
+def aggregate_heads(keys: Tensor, num_heads: int, how: str = "mean", scaled: bool = True) -> Tensor:
     """Turn keys into a matching metric: projected ``[G, N, H*d]`` or per head ``[G, H, N, d]`` ->
-    ``[G, N, d]`` (``mean`` over heads) or ``[G, N, H*d]`` (``concat``)."""
-    if keys.dim() == 4:
-        return keys.mean(1) if how == "mean" else keys.transpose(1, 2).flatten(2)
+    ``[G, N, d]`` (``mean`` over heads) or ``[G, N, H*d]`` (``concat``). ``scaled=False`` gives the sum
+    instead of the mean (the same direction, so the same cosine similarities, one operation fewer)."""
     if how == "concat":
-        return keys
-    g, n, c = keys.shape
-    return keys.reshape(g, n, num_heads, c // num_heads).mean(2)
+        return keys.transpose(1, 2).flatten(2) if keys.dim() == 4 else keys
+    if keys.dim() == 3:
+        g, n, c = keys.shape
+        keys = keys.reshape(g, n, num_heads, c // num_heads).transpose(1, 2)
+    return keys.mean(1) if scaled else keys.sum(1)
 
 
 def max_merge(num_tokens: int) -> int:
@@ -71,107 +71,146 @@ class Merge:
 
     Output order: the ``head`` set-aside tokens (``order="spatial"`` only), the A tokens that stay (in the
     order of ``unm_idx``), then the B tokens. A is ``x[:, head::2]``, B is ``x[:, head + 1::2]``.
-    ``merge(t)`` sums the A tokens merged into each B token (for sizes and source maps); :meth:`average`
-    gives size-weighted features. ``r == 0`` is the identity.
+
+    The matching is stored as ``dest`` ``[G, N]``: the output token each input token goes to, -1 where it is
+    discarded. Applying it is one ``index_add_`` over the flattened groups (``flat``: ``dest`` offset by
+    group, discarded tokens sent to one spare row past the end), so its cost does not grow with the number
+    of index tensors a step needs. ``merge(t)`` sums the tokens going to each output token (sizes, source
+    maps); :meth:`average` gives size-weighted features. ``r == 0`` is the identity.
     """
 
     head: int = 0
     r: int = 0
-    unm_idx: Tensor | None = None  # [G, n_a - r] A tokens that stay, in output order
-    src_idx: Tensor | None = None  # [G, r] A tokens that leave
-    dst_idx: Tensor | None = None  # [G, r] their B partners
-    keep_b: Tensor | None = None  # [G, n_b] 0 where hybrid drops the B token, else 1 (None: all kept)
-    drops: bool = False  # leaving A tokens are discarded instead of merged
+    ranked: Tensor | None = None  # [G, n_a] A tokens by descending score: the first r leave
+    sort_staying: bool = False  # staying A tokens in position order (else in score order)
+    dest: Tensor | None = None  # [G, N] output token of each input token, -1 where it is discarded
+    flat: Tensor | None = None  # [G * N] dest + group offset; discarded tokens -> G * (N - r) (a spare row)
+    discards: bool = False  # some token is discarded (drop modes, hybrid)
 
-    def _stay(self, x: Tensor) -> Tensor:
-        """A new tensor ``[head, staying A, B]``."""
-        h, g, d = self.head, x.shape[0], x.shape[-1]
-        kept = x[:, h::2].gather(1, self.unm_idx.unsqueeze(-1).expand(g, self.unm_idx.shape[1], d))
-        return torch.cat([x[:, :h], kept, x[:, h + 1 :: 2]], dim=1)
+    @classmethod
+    def build(cls, head: int, r: int, ranked: Tensor, sort_staying: bool, dest: Tensor, discards: bool) -> Merge:
+        """The merge for ``dest`` ``[G, N]`` (see the class docstring); computes the flattened index."""
+        flat = group_index(dest, dest.shape[1] - r, discards)
+        return cls(head, r, ranked, sort_staying, dest, flat, discards)
 
-    def _leaving(self, x: Tensor) -> Tensor:
-        g, d = x.shape[0], x.shape[-1]
-        return x[:, self.head :: 2].gather(1, self.src_idx.unsqueeze(-1).expand(g, self.r, d))
+    @property
+    def unm_idx(self) -> Tensor:
+        """``[G, n_a - r]`` the A tokens that stay, in output order."""
+        staying = self.ranked[:, self.r :]
+        return staying.sort(dim=-1).values if self.sort_staying else staying
 
-    def _b_part(self, out: Tensor) -> Tensor:
-        return out[:, self.head + self.unm_idx.shape[1] :]
-
-    def _dst(self, d: int) -> Tensor:
-        return self.dst_idx.unsqueeze(-1).expand(-1, -1, d)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.r == 0:
-            return x
-        out = self._stay(x)
-        if not self.drops:
-            b = self._b_part(out)
-            if self.keep_b is not None:
-                b.mul_(self.keep_b.unsqueeze(-1).to(b.dtype))
-            b.scatter_add_(1, self._dst(x.shape[-1]), self._leaving(x))
-        return out
-
-    def average(self, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Size-weighted merge of ``x`` ``[G, N, C]`` with sizes ``[G, N, 1]`` (float32; None: all ones).
-
-        Returns the merged features, where a B token becomes ``sum(x * size) / sum(size)`` over itself and
-        the A tokens merged into it (accumulated in at least float32), and the merged sizes.
-        """
-        if size is None:
-            size = torch.ones(*x.shape[:2], 1, device=x.device, dtype=torch.float32)
-        if self.r == 0:
-            return x, size
-        new_size = self(size)
-        out = self._stay(x)
-        if self.drops:
-            return out, new_size
-        weight_b = size[:, self.head + 1 :: 2]
-        if self.keep_b is not None:
-            weight_b = weight_b * self.keep_b.unsqueeze(-1)
-        leaving = self._leaving(x) * self._leaving(size)
-        b, dst = self._b_part(out), self._dst(x.shape[-1])
-        if b.dtype == leaving.dtype:  # in place on the B tokens only
-            b.mul_(weight_b).scatter_add_(1, dst, leaving).div_(self._b_part(new_size))
-        else:  # low-precision features: accumulate in the sizes' precision
-            total = (b.to(leaving.dtype) * weight_b).scatter_add_(1, dst, leaving)
-            b.copy_(total / self._b_part(new_size))
-        return out, new_size
+    def _sum(self, x: Tensor) -> Tensor:
+        """``[G, N, D]`` -> ``[G, N - r, D]``: each output token the sum of its inputs."""
+        return sum_tokens(x, self.flat, x.shape[0], x.shape[1] - self.r, self.discards)
 
     def keep(self, x: Tensor) -> Tensor:
         """``x`` ``[G, N, D]`` laid out like the output, each output token taking the value of the token it
         was before the merge (a B token keeps its own, even where A tokens were merged into it)."""
-        return x if self.r == 0 else self._stay(x)
+        if self.r == 0:
+            return x
+        h, (g, n, d) = self.head, x.shape
+        rows = torch.cat(
+            [
+                torch.arange(h, device=x.device).expand(g, h),
+                h + 2 * self.unm_idx,
+                torch.arange(h + 1, n, 2, device=x.device).expand(g, -1),
+            ],
+            dim=1,
+        )
+        return x.gather(1, rows.unsqueeze(-1).expand(-1, -1, d))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x if self.r == 0 else self._sum(x)
+
+    def average(self, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Size-weighted merge of ``x`` ``[G, N, C]`` with sizes ``[G, N, 1]`` (float32; None: all ones).
+
+        Returns the merged features, where an output token is ``sum(x * size) / sum(size)`` over the tokens
+        going to it (accumulated in at least float32), and the merged sizes.
+        """
+        if self.r == 0:
+            return x, torch.ones(*x.shape[:2], 1, device=x.device, dtype=torch.float32) if size is None else size
+        return average_tokens(x, size, self.flat, x.shape[0], x.shape[1] - self.r, self.discards)
 
     def destination(self, n: int) -> Tensor:
         """``[G, n]`` (long): where each of the ``n`` input tokens of a group went in the output, -1 where it
         was discarded (a dropped A token, or a B token that hybrid replaced)."""
         if self.r == 0:
             raise ValueError("destination() needs a matching that removes tokens (r > 0)")
-        g, h, device = self.unm_idx.shape[0], self.head, self.unm_idx.device
-        n_unm, n_b = self.unm_idx.shape[1], (n - h) // 2
-        dest_a = torch.full((g, (n - h + 1) // 2), -1, dtype=torch.long, device=device)
-        dest_a.scatter_(1, self.unm_idx, torch.arange(h, h + n_unm, device=device).expand(g, -1))
-        if not self.drops:
-            dest_a.scatter_(1, self.src_idx, h + n_unm + self.dst_idx)
-        dest_b = torch.arange(h + n_unm, h + n_unm + n_b, device=device).expand(g, -1)
-        if self.keep_b is not None:
-            dest_b = torch.where(self.keep_b > 0, dest_b, -1)
-        dest = torch.empty(g, n, dtype=torch.long, device=device)
-        dest[:, :h] = torch.arange(h, device=device)
-        dest[:, h::2] = dest_a
-        dest[:, h + 1 :: 2] = dest_b
-        return dest
+        return self.dest
 
     def repeat(self, times: int) -> Merge:
         """The same matching for ``times`` consecutive groups each: ``[G]`` indices -> ``[G * times]``."""
         if self.r == 0 or times == 1:
             return self
+        ranked, dest = (t.repeat_interleave(times, dim=0) for t in (self.ranked, self.dest))
+        return Merge.build(self.head, self.r, ranked, self.sort_staying, dest, self.discards)
 
-        def rep(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.repeat_interleave(times, dim=0)
 
-        return Merge(
-            self.head, self.r, rep(self.unm_idx), rep(self.src_idx), rep(self.dst_idx), rep(self.keep_b), self.drops
-        )
+def group_index(dest: Tensor, out_tokens: int, spare: bool) -> Tensor:
+    """Flatten a destination map ``dest`` ``[G, N]`` (output token of each input token in its group, -1 where
+    discarded) into row indices ``[G * N]`` into ``G * out_tokens`` output rows; with ``spare``, discarded
+    tokens go to the spare row ``G * out_tokens`` (see :func:`sum_tokens`)."""
+    g = dest.shape[0]
+    flat = dest
+    if g > 1:
+        flat = dest + torch.arange(0, g * out_tokens, out_tokens, device=dest.device).unsqueeze(1)
+    if spare:
+        flat = torch.where(dest >= 0, flat, g * out_tokens)
+    return flat.reshape(-1)
+
+
+def sum_tokens(x: Tensor, index: Tensor, groups: int, tokens: int, spare: bool = False) -> Tensor:
+    """Sum tokens into their destinations: ``x`` ``[..., D]`` (``M`` tokens in all) -> ``[groups, tokens, D]``,
+    token ``i`` (in flattened order) added to output row ``index[i]`` (``index`` ``[M]`` long, e.g. from
+    :func:`group_index`); with ``spare``, ``index == groups * tokens`` discards a token. One ``index_add_``."""
+    d = x.shape[-1]
+    out = x.new_zeros(groups * tokens + spare, d)
+    out.index_add_(0, index, x.reshape(-1, d))
+    return (out[: groups * tokens] if spare else out).view(groups, tokens, d)
+
+
+def average_tokens(
+    x: Tensor, size: Tensor | None, index: Tensor, groups: int, tokens: int, spare: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Size-weighted merge of ``x`` ``[..., C]`` with sizes ``[..., 1]`` (float32; None: all ones) into
+    ``[groups, tokens, C]`` by ``index`` (as in :func:`sum_tokens`).
+
+    Returns the merged features, each output token ``sum(x * size) / sum(size)`` over the tokens going to
+    it (accumulated in at least float32, returned in ``x``'s dtype), and the merged sizes ``[groups, tokens, 1]``.
+    """
+    if size is None:
+        size = torch.ones(*x.shape[:-1], 1, device=x.device, dtype=torch.float32)
+        weighted = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    else:
+        weighted = x * size  # promoted to at least the sizes' float32
+    new_size = sum_tokens(size, index, groups, tokens, spare)
+    out = sum_tokens(weighted, index, groups, tokens, spare).div_(new_size)
+    return (out if out.dtype == x.dtype else out.to(x.dtype)), new_size
+
+
+def _destinations(
+    head: int, r: int, n: int, ranked: Tensor, sort_staying: bool, partner: Tensor | None, keep_b: Tensor | None
+) -> Tensor:
+    """``dest`` ``[G, n]`` of a matching: the ``head`` set-aside tokens, then A and B alternating. Leaving A
+    tokens go to their ``partner`` (None: they are discarded)."""
+    g, n_a = ranked.shape
+    n_unm, device = n_a - r, ranked.device
+    rank = ranked.argsort(dim=-1)  # each A token's place in the ranking (the inverse permutation)
+    staying = rank >= r
+    slot = staying.cumsum(dim=-1) + (head - 1) if sort_staying else rank + (head - r)
+    leaving_to = -1 if partner is None else partner + (head + n_unm)
+    dest_a = torch.where(staying, slot, leaving_to)
+    # B in place, padded to n_a entries (one too many when n - head is odd: cut below)
+    dest_b = torch.arange(head + n_unm, head + n_unm + n_a, device=device).expand(g, -1)
+    if keep_b is not None:
+        dest_b = torch.where(keep_b, dest_b, -1)
+    dest = torch.stack((dest_a, dest_b), dim=2).view(g, 2 * n_a)
+    if 2 * n_a != n - head:
+        dest = dest[:, : n - head]
+    if head:
+        dest = torch.cat((torch.arange(head, device=device).expand(g, head), dest), dim=1)
+    return dest
 
 
 def bipartite_match(
@@ -203,29 +242,32 @@ def bipartite_match(
     # Protected tokens inside the alternation (paper order): A positions 0, 2, .. < p and B positions 1, 3, .. < p.
     pa, pb = ((p + 1) // 2, p // 2) if head == 0 else (0, 0)
     device = metric.device
-    with torch.no_grad():
-        if mode.startswith("random"):
-            scores = torch.rand(g, n_a, device=device, generator=generator)
-            partner = torch.randint(n_b - pb, (g, n_a), device=device, generator=generator) + pb
-        else:
-            unit = F.normalize(metric[:, head:], dim=-1)
-            sim = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)
-            if pb:
-                sim[:, :, :pb] = -math.inf
-            scores, partner = sim.max(dim=-1)
-        if pa:
-            scores[:, :pa] = -math.inf
-        ranked = scores.argsort(dim=-1, descending=True, stable=True)
+    drops = mode in ("drop", "random_drop")
+    if metric.requires_grad:  # indices only: no autograd graph
+        metric = metric.detach()
+    if mode.startswith("random"):
+        scores = torch.rand(g, n_a, device=device, generator=generator)
+        partner = torch.randint(n_b - pb, (g, n_a), device=device, generator=generator) + pb
+    else:
+        unit = metric[:, head:] if head else metric
+        unit = unit / torch.linalg.vector_norm(unit, dim=-1, keepdim=True).clamp_min_(1e-12)  # cosine
+        sim = torch.bmm(unit[:, ::2], unit[:, 1::2].transpose(1, 2))
+        if pb:
+            sim[:, :, :pb] = -math.inf
+        scores, partner = sim.max(dim=-1)
+    if pa:
+        scores[:, :pa] = -math.inf
+    ranked = scores.argsort(dim=-1, descending=True, stable=True)
+    sort_staying = order == "spatial" or p > 0
+    keep_b = None
+    if mode == "hybrid":  # a B token receiving any dissimilar A token is replaced by the A tokens
         src_idx = ranked[:, :r]
-        unm_idx = ranked[:, r:]
-        if order == "spatial" or p > 0:
-            unm_idx = unm_idx.sort(dim=-1).values
-        dst_idx = partner.gather(1, src_idx)
-        keep_b = None
-        if mode == "hybrid":
-            similar = (scores.gather(1, src_idx) >= threshold).float()
-            keep_b = similar.new_ones(g, n_b).scatter_reduce(1, dst_idx, similar, reduce="amin")
-    return Merge(head, r, unm_idx, src_idx, dst_idx, keep_b, drops=mode in ("drop", "random_drop"))
+        similar = scores.gather(1, src_idx) >= threshold
+        dissimilar_b = torch.zeros(g, n_a, dtype=torch.long, device=device)  # padded to n_a like dest_b
+        dissimilar_b.scatter_add_(1, partner.gather(1, src_idx), (~similar).long())
+        keep_b = dissimilar_b == 0
+    dest = _destinations(head, r, n, ranked, sort_staying, None if drops else partner, keep_b)
+    return Merge.build(head, r, ranked, sort_staying, dest, discards=drops or keep_b is not None)
 
 
 def merge_tokens(

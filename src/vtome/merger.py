@@ -33,7 +33,7 @@ from torch.profiler import record_function
 
 from vtome.flops import stack_flops
 from vtome.layout import Layout
-from vtome.merge import aggregate_heads, attention_bias, bipartite_match, max_merge
+from vtome.merge import aggregate_heads, attention_bias, average_tokens, bipartite_match, max_merge, sum_tokens
 from vtome.settings import MergeSettings
 
 # Profiler range around all matching and merging work (the benchmark reads it to report the overhead).
@@ -77,8 +77,9 @@ class Track:
 
     ``size`` ``[B, N, 1]`` float32, input patches each token stands for (None: all ones, nothing merged);
     ``index`` ``[B, N0]`` long, for each input token the current token that covers it, -1 where it was
-    dropped (None: the identity); in divided layouts its slot inside its frame (the frame never changes:
-    :meth:`Merger.global_index` gives positions); ``source`` ``[B, N, N0]`` float32 with ``trace_source`` (else None);
+    dropped (None: the identity); in divided layouts ``[B*T, n0]``, per frame the current slot of each of its
+    input slots (a token never leaves its frame; :meth:`Merger.global_index` gives positions);
+    ``source`` ``[B, N, N0]`` float32 with ``trace_source`` (else None);
     ``positions`` ``[B, N, k]`` float32 for models whose attention depends on token positions (RoPE), each
     merged token at the size-weighted mean of its inputs or at its destination token's position (None for
     the others).
@@ -122,8 +123,8 @@ class Merger:
         ``[B', H, N, d]``), or None if ``layer`` keeps every token."""
         if self.r_at(layer) <= 0:
             return None
-        with _profiled():
-            return aggregate_heads(keys.detach(), self.num_heads, self.settings.head_aggregation)
+        with _profiled():  # the matching is by cosine similarity: a sum over heads does as well as the mean
+            return aggregate_heads(keys.detach(), self.num_heads, self.settings.head_aggregation, scaled=False)
 
     def bias(self, track: Track, dtype: torch.dtype) -> Tensor | None:
         """Proportional-attention mask ``[B, 1, 1, N]`` (``log(size)``), or None when not needed."""
@@ -173,14 +174,10 @@ class Merger:
         frames = layout.frames if layout.frames is not None and s.divided == "aligned" else 1
         if frames > 1:  # one matching per clip, on the keys averaged over its frames
             metric = metric.unflatten(0, (-1, frames)).mean(1)
-        p, (batch, tokens) = layout.group_protected, x.shape[:2]
-        x_head, x_body = layout.split(x)
-        size = track.size if track.size is not None else x.new_ones(batch, tokens, 1, dtype=torch.float32)
-        s_head, s_body = layout.split(size)
-        carried = (("source", track.source), ("positions", track.positions))
-        parts = {k: layout.split(v) for k, v in carried if v is not None}
-        dest = None
-        for step in range(1 + s.duplicate.get(layer, 0)):
+        p, steps = layout.group_protected, 1 + s.duplicate.get(layer, 0)
+        dest, removed, discards = None, 0, False
+        group_size = kept = None  # sizes in group layout (repeated steps) and positions kept in place
+        for step in range(steps):
             n = metric.shape[1] - p
             r_step = self._cap(layer, r, n) if step == 0 else min(r, max_merge(n))
             if r_step == 0:
@@ -194,61 +191,61 @@ class Merger:
                 order=s.order,
                 generator=self._rng(x, layer, step),
             )
-            if step < s.duplicate.get(layer, 0):  # a repeated step matches on the merged keys
-                metric = match.average(metric, s_body.unflatten(0, (-1, frames)).mean(1))[0]
-            match = match.repeat(frames)
-            step_dest = match.destination(x_body.shape[1])
+            repeated = match.repeat(frames)
+            if step + 1 < steps:  # a repeated step matches on the merged keys
+                if group_size is None:
+                    group_size = (
+                        layout.split(track.size)[1]
+                        if track.size is not None
+                        else torch.ones(*repeated.dest.shape, 1, device=x.device, dtype=torch.float32)
+                    )
+                metric = match.average(metric, group_size.unflatten(0, (-1, frames)).mean(1))[0]
+                group_size = repeated(group_size)
+            if track.positions is not None and s.position_merge == "destination":
+                kept = repeated.keep(layout.split(track.positions)[1] if kept is None else kept)
+            step_dest = repeated.dest
             dest = step_dest if dest is None else torch.where(dest >= 0, step_dest.gather(1, dest.clamp(min=0)), -1)
-            if "positions" in parts:
-                head, pos = parts["positions"]
-                pos = match.keep(pos) if s.position_merge == "destination" else match.average(pos, s_body)[0]
-                parts["positions"] = (head, pos)
-            if "source" in parts:
-                parts["source"] = (parts["source"][0], match(parts["source"][1]))
-            x_body, s_body = match.average(x_body, s_body)
+            removed, discards = removed + r_step, discards or repeated.discards
         if dest is None:
             return x, track
-        index = self._update_index(track.index, dest, batch, tokens)
-        joined = {k: layout.join(*v) for k, v in parts.items()}
-        return layout.join(x_head, x_body), Track(layout.join(s_head, s_body), index, **joined)
+        rows, tokens = layout.token_index(dest, dest.shape[1] - removed, discards)
+        batch = x.shape[0]
+        out, size = average_tokens(x, track.size, rows, batch, tokens, discards)
+        source = None if track.source is None else sum_tokens(track.source, rows, batch, tokens, discards)
+        positions = track.positions
+        if kept is not None:
+            positions = layout.join(layout.split(positions)[0], kept)
+        elif positions is not None:
+            positions = average_tokens(positions, track.size, rows, batch, tokens, discards)[0]
+        return out, Track(size, self._update_index(track.index, dest), source, positions)
 
-    def _frame_layout(self, n0: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Frame and initial slot of each of the ``n0 - p`` input tokens after the protected ones (divided)."""
-        layout = self.layout
-        body = torch.arange(n0 - layout.protected, device=device)
-        if layout.time_minor:
-            return body % layout.frames, body // layout.frames
-        slots = (n0 - layout.protected) // layout.frames
-        return body // slots, body % slots
-
-    def _update_index(self, index: Tensor | None, dest: Tensor, batch: int, tokens: int) -> Tensor:
-        """Compose the index map with one layer's group destinations ``dest`` ``[G, n]``.
-
-        Joint layouts: the index holds each input token's current position. Divided layouts: it holds its
-        slot inside its frame (a token never leaves its frame); :meth:`global_index` turns it into positions.
-        """
-        if self.layout.frames is None:
-            return dest if index is None else torch.where(index >= 0, dest.gather(1, index.clamp(min=0)), -1)
-        p, frames = self.layout.protected, self.layout.frames
-        n0 = tokens if index is None else index.shape[1]
-        frame, first_slot = self._frame_layout(n0, dest.device)
-        body = first_slot.expand(batch, -1) if index is None else index[:, p:]
-        group = torch.arange(batch, device=dest.device).unsqueeze(1) * frames + frame
-        moved = dest.reshape(-1)[group * dest.shape[1] + body.clamp(min=0)]
-        moved = torch.where(body >= 0, moved, -1)
-        head = torch.arange(p, device=dest.device).expand(batch, p)
-        return torch.cat([head, moved], dim=1)
+    def _update_index(self, index: Tensor | None, dest: Tensor) -> Tensor:
+        """Compose the index map ``[G, n0]`` with one layer's group destinations ``dest`` ``[G, n]``: for each
+        input token of a group, the token of the group that covers it now (-1: dropped). Joint layouts have
+        one group per clip (the whole sequence); divided layouts one per frame (a token never leaves its
+        frame, the set-aside class token is not in it): :meth:`global_index` turns it into positions."""
+        if index is None:
+            return dest
+        if self.settings.mode in ("merge", "random_merge"):  # nothing is ever discarded: no -1 to keep
+            return dest.gather(1, index)
+        return torch.where(index >= 0, dest.gather(1, index.clamp(min=0)), -1)
 
     def global_index(self, index: Tensor | None, tokens: int) -> Tensor | None:
         """The index map as positions in the current sequence of ``tokens`` tokens: ``[B, N0]``, -1 dropped."""
         if index is None or self.layout.frames is None:
             return index
         p, frames = self.layout.protected, self.layout.frames
-        frame, _ = self._frame_layout(index.shape[1], index.device)
-        body = index[:, p:]
+        groups, n0 = index.shape
         slots = (tokens - p) // frames
-        position = p + (body * frames + frame if self.layout.time_minor else frame * slots + body)
-        return torch.cat([index[:, :p], torch.where(body >= 0, position, -1)], dim=1)
+        frame = torch.arange(frames, device=index.device).view(1, frames, 1)
+        body = index.view(groups // frames, frames, n0)  # [B, T, n0]: current slot of each input slot
+        if self.layout.time_minor:  # position p + slot * T + t; inputs ordered slot-major
+            position, body = (p + body * frames + frame).transpose(1, 2), body.transpose(1, 2)
+        else:  # position p + t * slots + slot; inputs ordered frame-major
+            position = p + frame * slots + body
+        position = torch.where(body >= 0, position, -1).reshape(groups // frames, frames * n0)
+        head = torch.arange(p, device=index.device).expand(groups // frames, p)
+        return torch.cat([head, position], dim=1)
 
     def _cap(self, layer: int, r: int, n: int) -> int:
         """``r`` capped at half of ``n`` mergeable tokens, warning once per layer when it is."""

@@ -153,6 +153,11 @@ def _state(model: nn.Module) -> Merger:
     return model._vtome
 
 
+def merger(model: nn.Module) -> Merger:
+    """The merge step of a patched ``model`` (settings, layout, last run); tools instrument it."""
+    return _state(model)
+
+
 def last_run(model: nn.Module) -> RunInfo:
     """What the last forward of a patched ``model`` did: ``tokens_per_layer``, ``size``, ``source``."""
     return _state(model).run

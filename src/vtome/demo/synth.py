@@ -4,9 +4,10 @@ Two families of classes, as in the paper's datasets:
 
 - **appearance** (like Kinetics-400): *what* is in the clip, a coloured, patterned object, which moves
   in a random direction at a random speed (distractor motion that says nothing about the class);
-- **temporal** (like Something-Something v2): *how* a plain grey object moves: left / right, up / down,
-  towards / away (growing / shrinking), clockwise / anticlockwise, appearing / disappearing. Any single
-  frame is ambiguous; the class is in the change over time.
+- **temporal** (like Something-Something v2): *how* a small plain grey object moves: left / right, up /
+  down, towards / away (growing / shrinking), clockwise / anticlockwise, appearing / disappearing. Any
+  single frame is ambiguous; the class is in the change over time. As in real video, the actor covers
+  only a few patches (about one 16 px patch across at 96 px) and moves a fraction of the frame.
 
 Every clip has a textured, slowly panning background plus pixel noise, so that many tokens are similar
 but not identical. Clip ``i`` of a split depends only on ``(seed, split, i)``, at any frame count: the
@@ -163,7 +164,8 @@ def render(label: int, g: torch.Generator, spec: ClipSpec = ClipSpec(), backgrou
     if not background:
         out = torch.full_like(out, 0.3)
     ys, xs = torch.meshgrid(torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32), indexing="ij")
-    radius = torch.full((frames,), _u(g, 0.12, 0.17) * n)
+    # object radius: appearance objects are large; the actors of temporal classes are small, as in real video
+    radius = torch.full((frames,), _u(g, 0.12, 0.17) * n if not is_temporal(label) else _u(g, 0.08, 0.11) * n)
     alpha = torch.ones(frames)
     if not is_temporal(label):
         name = APPEARANCE_CLASSES[label]
@@ -181,7 +183,7 @@ def render(label: int, g: torch.Generator, spec: ClipSpec = ClipSpec(), backgrou
         shape, pattern = ("disk", "square")[int(_u(g, 0, 2))], "solid"
         grey = _u(g, 0.75, 1.0)
         colour = torch.tensor([grey, grey, grey])
-        travel = _u(g, 0.35, 0.5) * n
+        travel = _u(g, 0.25, 0.4) * n
         cx0, cy0 = _u(g, 0.35, 0.65) * n, _u(g, 0.35, 0.65) * n
         cx, cy = torch.full((frames,), cx0), torch.full((frames,), cy0)
         if kind in (0, 1):  # left / right
@@ -189,7 +191,7 @@ def render(label: int, g: torch.Generator, spec: ClipSpec = ClipSpec(), backgrou
         elif kind in (2, 3):  # up / down (image y grows downwards)
             cy = cy0 + travel * (t - 0.5) * (-1 if kind == 2 else 1)
         elif kind in (4, 5):  # towards (grows) / away (shrinks)
-            start = _u(g, 0.07, 0.1) * n
+            start = _u(g, 0.05, 0.07) * n
             grow = torch.exp(math.log(2.0) * (t if kind == 4 else 1 - t))
             radius = start * grow
         elif kind in (6, 7):  # clockwise / anticlockwise on screen
