@@ -244,3 +244,32 @@ def test_spatial_order_keeps_positions_and_differs_from_published():
     assert not torch.equal(spatial, paper)
     without_cls = bipartite_match(metric, 5)(positions)  # no protected token: staying A in score order
     assert not (without_cls[:, : 9 - 5, 0].diff(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("time_minor", [True, False])
+@pytest.mark.parametrize("protected", [0, 1])
+@pytest.mark.parametrize("mode", ["merge", "drop", "hybrid"])
+def test_divided_token_index_equals_regrouping(time_minor, protected, mode):
+    """Applying per-frame merges straight to the model's token order (one index_add_) gives what splitting
+    into frames, merging each and joining back gives."""
+    from vtome.layout import Layout
+    from vtome.merge import average_tokens, sum_tokens
+
+    g = torch.Generator().manual_seed(3)
+    layout = Layout(protected=protected, frames=3, time_minor=time_minor)
+    batch, slots, channels = 2, 9, 4
+    x = torch.randn(batch, protected + 3 * slots, channels, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (batch, protected + 3 * slots, 1), generator=g).double()
+    head, groups = layout.split(x)
+    match = bipartite_match(layout.split(x)[1], 3, mode=mode, threshold=0.2)
+    want_x, want_size = match.average(groups, layout.split(size)[1])
+    rows, tokens = layout.token_index(match.dest, slots - 3, match.discards)
+    got_x, got_size = average_tokens(x, size, rows, batch, tokens, match.discards)
+    assert tokens == protected + 3 * (slots - 3)
+    torch.testing.assert_close(got_x, layout.join(head, want_x))
+    torch.testing.assert_close(got_size, layout.join(layout.split(size)[0], want_size))
+    ids = torch.arange(x.shape[1], dtype=torch.float64).view(1, -1, 1).expand(batch, -1, 1)
+    torch.testing.assert_close(
+        sum_tokens(ids, rows, batch, tokens, match.discards),
+        layout.join(layout.split(ids)[0], match(layout.split(ids)[1])),
+    )
