@@ -102,6 +102,12 @@ def test_merge_share_finds_a_slow_merge_step_and_leaves_the_model_as_it_was(monk
     monkeypatch.setattr(Merger, "merge", real)
     assert 0.0 <= merge_share(model, forward, "cpu", repeats=3) < 1.0
     assert not {"merge", "metric"} & set(vars(merger(model)))  # the instrumentation is gone
+    steps = merger(model)
+    mine = steps.merge  # a user's own instance attribute survives the measurement
+    steps.merge = mine
+    merge_share(model, forward, "cpu", repeats=1)
+    assert vars(steps)["merge"] is mine
+    del steps.merge
     with torch.inference_mode():
         torch.testing.assert_close(model(pixel_values=x).logits, want, rtol=0, atol=0)
 

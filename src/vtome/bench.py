@@ -171,16 +171,18 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
 
 
 def merge_share(model: nn.Module, forward: Callable[[], object], device: str, repeats: int = 5) -> float:
-    """Share of a patched ``model``'s forward time spent in its merge steps (matching, merging, index maps).
+    """Share of a patched ``model``'s forward time spent in its merge steps (metric, matching, merging).
 
-    Measured without a profiler, whose cost per operation would weigh far more on the many small operations
-    of a merge step than on the model's large ones: one forward records what every merge step returns;
-    then the forward is timed as it is and with each merge step answered from that record (every layer
-    gets the same tokens, so everything else does the same work), interleaved over ``repeats`` rounds.
-    The share is ``1 - median(answered) / median(as it is)``, at least 0.
+    Measured without a profiler: one forward records what every merge step (``Merger.metric`` and
+    ``Merger.merge``) returns; then the forward is timed as it is and with each merge step answered from
+    that record (every layer gets the same tokens, so everything else does the same work), interleaved
+    over ``repeats`` rounds. The share is ``1 - median(answered) / median(as it is)``, at least 0. What runs
+    once per forward outside the steps (the final index map, proportional-attention masks) counts as model
+    time. The record holds every layer's merged tokens until the measurement ends.
     """
     steps = merger(model)
     real = {"metric": steps.metric, "merge": steps.merge}
+    before = {name: vars(steps)[name] for name in real if name in vars(steps)}  # someone's own instrumentation
     record: dict[str, list] = {name: [] for name in real}
 
     def recording(name: str) -> Callable[..., object]:
@@ -201,7 +203,10 @@ def merge_share(model: nn.Module, forward: Callable[[], object], device: str, re
             return forward()
         finally:
             for name in real:
-                delattr(steps, name)
+                if name in before:
+                    setattr(steps, name, before[name])
+                else:
+                    delattr(steps, name)
 
     with_steps(recording)
     times = time_interleaved(

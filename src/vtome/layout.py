@@ -15,8 +15,8 @@ class Layout:
     """Where the mergeable groups sit in a model's token sequence ``[B, N, D]``.
 
     ``protected`` leading tokens (a class token) are never merged. With ``frames=None`` (joint
-    space-time) the whole clip is one group and the matching skips the protected tokens; with
-    ``frames=T`` (divided space-time) each frame is a group, the protected tokens are set aside, and the
+    space-time) the whole clip is one group and the matching never removes nor merges into the protected
+    tokens; with ``frames=T`` (divided space-time) each frame is a group, the protected tokens are set aside, and the
     frame tokens are stored time-minor (``index = p + slot*T + t``, TimeSformer) or time-major
     (``index = p + t*n + slot``).
     """

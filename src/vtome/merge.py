@@ -37,6 +37,7 @@ again), but keeps tokens in a stable spatial order.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,14 +51,17 @@ ORDERS: tuple[str, ...] = ("paper", "spatial")
 
 def aggregate_heads(keys: Tensor, num_heads: int, how: str = "mean", scaled: bool = True) -> Tensor:
     """Turn keys into a matching metric: projected ``[G, N, H*d]`` or per head ``[G, H, N, d]`` ->
-    ``[G, N, d]`` (``mean`` over heads) or ``[G, N, H*d]`` (``concat``). ``scaled=False`` gives the sum
-    instead of the mean (the same direction, so the same cosine similarities, one operation fewer)."""
+    ``[G, N, d]`` (``mean`` over heads) or ``[G, N, H*d]`` (``concat``). ``scaled=False`` allows the sum
+    instead of the mean for float32/64 keys (the same direction up to rounding, one operation fewer; for
+    cosine matching); half-precision keys always get the mean."""
     if how == "concat":
         return keys.transpose(1, 2).flatten(2) if keys.dim() == 4 else keys
     if keys.dim() == 3:
         g, n, c = keys.shape
         keys = keys.reshape(g, n, num_heads, c // num_heads).transpose(1, 2)
-    return keys.mean(1) if scaled else keys.sum(1)
+    if scaled or keys.dtype not in (torch.float32, torch.float64):
+        return keys.mean(1)
+    return keys.sum(1)
 
 
 def max_merge(num_tokens: int) -> int:
@@ -73,7 +77,7 @@ class Merge:
     order of ``unm_idx``), then the B tokens. A is ``x[:, head::2]``, B is ``x[:, head + 1::2]``.
 
     The matching is stored as ``dest`` ``[G, N]``: the output token each input token goes to, -1 where it is
-    discarded. Applying it is one ``index_add_`` over the flattened groups (``flat``: ``dest`` offset by
+    discarded. Applying it is one ``index_add_`` over the flattened groups (:attr:`flat`: ``dest`` offset by
     group, discarded tokens sent to one spare row past the end), so its cost does not grow with the number
     of index tensors a step needs. ``merge(t)`` sums the tokens going to each output token (sizes, source
     maps); :meth:`average` gives size-weighted features. ``r == 0`` is the identity.
@@ -84,14 +88,13 @@ class Merge:
     ranked: Tensor | None = None  # [G, n_a] A tokens by descending score: the first r leave
     sort_staying: bool = False  # staying A tokens in position order (else in score order)
     dest: Tensor | None = None  # [G, N] output token of each input token, -1 where it is discarded
-    flat: Tensor | None = None  # [G * N] dest + group offset; discarded tokens -> G * (N - r) (a spare row)
     discards: bool = False  # some token is discarded (drop modes, hybrid)
 
-    @classmethod
-    def build(cls, head: int, r: int, ranked: Tensor, sort_staying: bool, dest: Tensor, discards: bool) -> Merge:
-        """The merge for ``dest`` ``[G, N]`` (see the class docstring); computes the flattened index."""
-        flat = group_index(dest, dest.shape[1] - r, discards)
-        return cls(head, r, ranked, sort_staying, dest, flat, discards)
+    @functools.cached_property
+    def flat(self) -> Tensor:
+        """``[G * N]`` rows of ``dest`` in the flattened output; discarded tokens -> ``G * (N - r)`` (a spare
+        row). Computed on first use (a model's merge step applies ``dest`` in its own token order instead)."""
+        return group_index(self.dest, self.dest.shape[1] - self.r, self.discards)
 
     @property
     def unm_idx(self) -> Tensor:
@@ -132,19 +135,12 @@ class Merge:
             return x, torch.ones(*x.shape[:2], 1, device=x.device, dtype=torch.float32) if size is None else size
         return average_tokens(x, size, self.flat, x.shape[0], x.shape[1] - self.r, self.discards)
 
-    def destination(self, n: int) -> Tensor:
-        """``[G, n]`` (long): where each of the ``n`` input tokens of a group went in the output, -1 where it
-        was discarded (a dropped A token, or a B token that hybrid replaced)."""
-        if self.r == 0:
-            raise ValueError("destination() needs a matching that removes tokens (r > 0)")
-        return self.dest
-
     def repeat(self, times: int) -> Merge:
         """The same matching for ``times`` consecutive groups each: ``[G]`` indices -> ``[G * times]``."""
         if self.r == 0 or times == 1:
             return self
         ranked, dest = (t.repeat_interleave(times, dim=0) for t in (self.ranked, self.dest))
-        return Merge.build(self.head, self.r, ranked, self.sort_staying, dest, self.discards)
+        return Merge(self.head, self.r, ranked, self.sort_staying, dest, self.discards)
 
 
 def group_index(dest: Tensor, out_tokens: int, spare: bool) -> Tensor:
@@ -267,7 +263,7 @@ def bipartite_match(
         dissimilar_b.scatter_add_(1, partner.gather(1, src_idx), (~similar).long())
         keep_b = dissimilar_b == 0
     dest = _destinations(head, r, n, ranked, sort_staying, None if drops else partner, keep_b)
-    return Merge.build(head, r, ranked, sort_staying, dest, discards=drops or keep_b is not None)
+    return Merge(head, r, ranked, sort_staying, dest, discards=drops or keep_b is not None)
 
 
 def merge_tokens(

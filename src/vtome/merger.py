@@ -36,7 +36,7 @@ from vtome.layout import Layout
 from vtome.merge import aggregate_heads, attention_bias, average_tokens, bipartite_match, max_merge, sum_tokens
 from vtome.settings import MergeSettings
 
-# Profiler range around all matching and merging work (the benchmark reads it to report the overhead).
+# Profiler range around all matching and merging work (shows the merge steps in a user's profiler trace).
 PROFILE_RANGE = "vtome.merge"
 
 
@@ -123,7 +123,7 @@ class Merger:
         ``[B', H, N, d]``), or None if ``layer`` keeps every token."""
         if self.r_at(layer) <= 0:
             return None
-        with _profiled():  # the matching is by cosine similarity: a sum over heads does as well as the mean
+        with _profiled():  # matching is by cosine similarity: a sum over heads does as well as the mean
             return aggregate_heads(keys.detach(), self.num_heads, self.settings.head_aggregation, scaled=False)
 
     def bias(self, track: Track, dtype: torch.dtype) -> Tensor | None:
