@@ -263,3 +263,21 @@ def test_eval_merges_only_in_chosen_layers(tmp_path):
     model = tiny("vivit", image_size=32, num_labels=2, num_hidden_layers=3)
     run_eval(EvalConfig(model=model, dataset="folder", root=str(root), out=str(tmp_path / "o"), r=1, layers=[2]))
     assert vtome.last_run(model).tokens_per_layer == [17, 17, 16]  # 16 patches + class token; only layer 2 merges
+
+
+def test_load_clip_takes_the_segment_frames_of_a_video_file(tmp_path):
+    from vtome.data.video import segment_indices
+    from vtome.visualize import load_clip
+
+    total = 40
+    video = np.zeros((total, 64, 64, 3), dtype=np.uint8)
+    video[:] = (np.arange(total) * 6).astype(np.uint8)[:, None, None, None]  # each frame's grey level is its index
+    path = tmp_path / "ramp.mp4"
+    write_video(path, video)
+    model = tiny("videomae")
+    pre = preprocess_for(model)
+    clip = load_clip(path, pre)
+    want = np.array(segment_indices(total, pre.num_frames)) * 6
+    got = clip.display.reshape(pre.num_frames, -1).mean(1)
+    assert clip.display.shape[0] == pre.num_frames
+    np.testing.assert_allclose(got, want, atol=4)  # lossy codec: within a few grey levels

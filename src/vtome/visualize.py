@@ -22,7 +22,7 @@ import vtome
 from vtome.adapters import adapter_for
 from vtome.adapters.inputs import clip_kwargs, clip_shape
 from vtome.data.transforms import Preprocess, preprocess_for
-from vtome.data.video import list_frames, read_frames, read_video, segment_indices, write_video
+from vtome.data.video import list_frames, read_frames, sample_video, segment_indices, write_video
 from vtome.merger import CapWarning
 
 FILLS: tuple[str, ...] = ("mean", "pixels", "colour")
@@ -38,8 +38,7 @@ def load_clip(path: str | Path, pre: Preprocess) -> Clip:
     """Frames of a video file or frame folder, spread over its length, as the model sees them."""
     path = Path(path)
     if path.is_file():
-        video = read_video(path)
-        frames = video[segment_indices(len(video), pre.num_frames)]
+        frames = sample_video(path, lambda total: segment_indices(total, pre.num_frames))  # keeps only those
     elif path.is_dir():
         files = list_frames(path)
         frames = read_frames(files, segment_indices(len(files), pre.num_frames))
