@@ -61,6 +61,22 @@ class Layout:
         groups = (groups.transpose(1, 2) if self.time_minor else groups).reshape(b, n * f, d)
         return torch.cat([head, groups], dim=1)
 
+    def frame_positions(self, slot: Tensor, slots: int, missing: int | None = None) -> Tensor:
+        """Divided layouts: per-frame slots ``slot`` ``[B*T, n]`` (the frames of a clip consecutive, as from
+        :meth:`split`) as positions in the model's token order of a sequence with ``slots`` tokens per frame:
+        ``[B, T*n]``, entry ``(b, j)`` for the ``j``-th frame token of clip ``b`` in model order (set-aside
+        tokens not included). With ``missing``, negative slots give ``missing``."""
+        f = self.frames
+        b = slot.shape[0] // f
+        slot = slot.view(b, f, -1)  # [B, T, n]
+        frame = torch.arange(f, device=slot.device).view(1, f, 1)
+        position = self.protected + (slot * f + frame if self.time_minor else frame * slots + slot)
+        if missing is not None:
+            position = torch.where(slot >= 0, position, missing)
+        if self.time_minor:  # model order: slot-major
+            position = position.transpose(1, 2)
+        return position.reshape(b, -1)
+
     def token_index(self, dest: Tensor, out_slots: int, spare: bool) -> tuple[Tensor, int]:
         """Rows for :func:`vtome.merge.sum_tokens` that apply group destinations straight to the model's
         tokens ``[B, N, D]``, without regrouping them: ``dest`` ``[G, n]`` (as from :meth:`split`; -1 where a
@@ -68,18 +84,12 @@ class Layout:
         per clip). Set-aside tokens stay in front; with ``spare``, discarded tokens go to row ``B * N'``."""
         if self.frames is None:
             return group_index(dest, out_slots, spare), out_slots
-        p, f = self.protected, self.frames
-        b = dest.shape[0] // f
-        out_tokens = p + f * out_slots
-        slot = dest.view(b, f, -1)  # [B, T, n]
-        frame = torch.arange(f, device=dest.device).view(1, f, 1)
-        clip = torch.arange(0, b * out_tokens, out_tokens, device=dest.device).view(b, 1, 1)  # first row of each clip
-        row = clip + p + (slot * f + frame if self.time_minor else frame * out_slots + slot)
+        b, out_tokens = dest.shape[0] // self.frames, self.protected + self.frames * out_slots
+        clip = torch.arange(0, b * out_tokens, out_tokens, device=dest.device).view(b, 1)  # first row of each clip
+        position = self.frame_positions(dest, out_slots, -1 if spare else None)
+        row = position + clip
         if spare:
-            row = torch.where(slot >= 0, row, b * out_tokens)
-        if self.time_minor:  # model order: slot-major
-            row = row.transpose(1, 2)
-        row = row.reshape(b, -1)
-        if p:
-            row = torch.cat((clip.view(b, 1) + torch.arange(p, device=dest.device), row), dim=1)
+            row = torch.where(position >= 0, row, b * out_tokens)
+        if self.protected:
+            row = torch.cat((clip + torch.arange(self.protected, device=dest.device), row), dim=1)
         return row.reshape(-1), out_tokens

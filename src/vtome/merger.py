@@ -235,16 +235,8 @@ class Merger:
         if index is None or self.layout.frames is None:
             return index
         p, frames = self.layout.protected, self.layout.frames
-        groups, n0 = index.shape
-        slots = (tokens - p) // frames
-        frame = torch.arange(frames, device=index.device).view(1, frames, 1)
-        body = index.view(groups // frames, frames, n0)  # [B, T, n0]: current slot of each input slot
-        if self.layout.time_minor:  # position p + slot * T + t; inputs ordered slot-major
-            position, body = (p + body * frames + frame).transpose(1, 2), body.transpose(1, 2)
-        else:  # position p + t * slots + slot; inputs ordered frame-major
-            position = p + frame * slots + body
-        position = torch.where(body >= 0, position, -1).reshape(groups // frames, frames * n0)
-        head = torch.arange(p, device=index.device).expand(groups // frames, p)
+        position = self.layout.frame_positions(index, (tokens - p) // frames, missing=-1)
+        head = torch.arange(p, device=index.device).expand(position.shape[0], p)
         return torch.cat([head, position], dim=1)
 
     def _cap(self, layer: int, r: int, n: int) -> int:
