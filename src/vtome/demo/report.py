@@ -22,6 +22,11 @@ def _table(title: str, columns: list[str], rows: list[list[str]], caption: str =
     return table
 
 
+def _measured(row: dict) -> list[str]:
+    """The cells every demo table shares: r, FLOP ratio, appearance and temporal accuracy."""
+    return [str(row["r"]), f"{row['flop_ratio']:.2f}x", _pct(row["acc_appearance"]), _pct(row["acc_temporal"])]
+
+
 def _scheme(row: dict) -> str:
     return {"per_frame": "per-frame", "aligned": "aligned"}.get(row["divided"], "joint")
 
@@ -49,10 +54,7 @@ def print_report(report: dict, cfg: DemoConfig, console: Console) -> None:
                 [
                     r["model"],
                     "unpatched" if r["mode"] == "none" else r["mode"],
-                    str(r["r"]),
-                    f"{r['flop_ratio']:.2f}x",
-                    _pct(r["acc_appearance"]),
-                    _pct(r["acc_temporal"]),
+                    *_measured(r),
                     _speedup(r),
                 ]
                 for r in report["main"]
@@ -76,10 +78,7 @@ def print_report(report: dict, cfg: DemoConfig, console: Console) -> None:
                         r["model"],
                         f"{r['target']:g}x",
                         r["order"],
-                        str(r["r"]),
-                        f"{r['flop_ratio']:.2f}x",
-                        _pct(r["acc_appearance"]),
-                        _pct(r["acc_temporal"]),
+                        *_measured(r),
                     ]
                     for r in report["order"]
                 ],
@@ -97,10 +96,7 @@ def print_report(report: dict, cfg: DemoConfig, console: Console) -> None:
                         _scheme(r),
                         r["mode"],
                         f"{r['target']:g}x",
-                        str(r["r"]),
-                        f"{r['flop_ratio']:.2f}x",
-                        _pct(r["acc_appearance"]),
-                        _pct(r["acc_temporal"]),
+                        *_measured(r),
                         _speedup(r),
                     ]
                     for r in report["schemes"]
@@ -117,10 +113,7 @@ def print_report(report: dict, cfg: DemoConfig, console: Console) -> None:
                     [
                         r["model"],
                         r["placement"],
-                        str(r["r"]),
-                        f"{r['flop_ratio']:.2f}x",
-                        _pct(r["acc_appearance"]),
-                        _pct(r["acc_temporal"]),
+                        *_measured(r),
                     ]
                     for r in report["placement"]
                 ],
