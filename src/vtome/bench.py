@@ -173,15 +173,16 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
 def merge_share(model: nn.Module, forward: Callable[[], object], device: str, repeats: int = 5) -> float:
     """Share of a patched ``model``'s forward time spent in its merge steps (metric, matching, merging).
 
-    Measured without a profiler: one forward records what every merge step (``Merger.metric`` and
-    ``Merger.merge``) returns; then the forward is timed as it is and with each merge step answered from
+    Measured without a profiler: one forward records what every merge step (``Merger.merge``) returns; then
+    the forward is timed as it is and with each merge step answered from
     that record (every layer gets the same tokens, so everything else does the same work), interleaved
-    over ``repeats`` rounds. The share is ``1 - median(answered) / median(as it is)``, at least 0. What runs
+    over ``repeats`` rounds. The share is ``1 - median(answered / as it is)`` over the rounds (each ratio from
+    two adjacent forwards, so slow drifts of the machine cancel), at least 0. What runs
     once per forward outside the steps (the final index map, proportional-attention masks) counts as model
     time. The record holds every layer's merged tokens until the measurement ends.
     """
     steps = merger(model)
-    real = {"metric": steps.metric, "merge": steps.merge}
+    real = {"merge": steps.merge}
     before = {name: vars(steps)[name] for name in real if name in vars(steps)}  # someone's own instrumentation
     record: dict[str, list] = {name: [] for name in real}
 
@@ -212,7 +213,8 @@ def merge_share(model: nn.Module, forward: Callable[[], object], device: str, re
     times = time_interleaved(
         {"as is": forward, "answered": lambda: with_steps(answering)}, warmup=1, repeats=repeats, device=device
     )
-    return max(0.0, 1.0 - statistics.median(times["answered"]) / statistics.median(times["as is"]))
+    ratios = [answered / as_is for answered, as_is in zip(times["answered"], times["as is"])]  # paired by round
+    return max(0.0, 1.0 - statistics.median(ratios))
 
 
 @dataclass

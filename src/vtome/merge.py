@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vtome import kernels
+
 MODES: tuple[str, ...] = ("merge", "drop", "random_merge", "random_drop", "hybrid")
 HEAD_AGGREGATIONS: tuple[str, ...] = ("mean", "concat")
 ORDERS: tuple[str, ...] = ("paper", "spatial")
@@ -52,15 +54,21 @@ ORDERS: tuple[str, ...] = ("paper", "spatial")
 def aggregate_heads(keys: Tensor, num_heads: int, how: str = "mean", scaled: bool = True) -> Tensor:
     """Turn keys into a matching metric: projected ``[G, N, H*d]`` or per head ``[G, H, N, d]`` ->
     ``[G, N, d]`` (``mean`` over heads) or ``[G, N, H*d]`` (``concat``). ``scaled=False`` allows the sum
-    instead of the mean for float32/64 keys (the same direction up to rounding, one operation fewer; for
-    cosine matching); half-precision keys always get the mean."""
+    instead of the mean for float32/64 keys (the same direction up to rounding, for cosine matching), added in
+    head order; half-precision keys always get the mean."""
     if how == "concat":
         return keys.transpose(1, 2).flatten(2) if keys.dim() == 4 else keys
+    if not scaled and keys.dtype in (torch.float32, torch.float64):
+        compiled = kernels.ops(keys)
+        if compiled is not None:
+            return compiled.sum_heads(keys, num_heads)
     if keys.dim() == 3:
         g, n, c = keys.shape
         keys = keys.reshape(g, n, num_heads, c // num_heads).transpose(1, 2)
     if scaled or keys.dtype not in (torch.float32, torch.float64):
         return keys.mean(1)
+    if keys.device.type == "cpu":  # in head order, as the kernel adds them: both CPU paths agree to the bit
+        return functools.reduce(torch.add, keys.unbind(1))
     return keys.sum(1)
 
 
@@ -172,16 +180,21 @@ def average_tokens(
     """Size-weighted merge of ``x`` ``[..., C]`` with sizes ``[..., 1]`` (float32; None: all ones) into
     ``[groups, tokens, C]`` by ``index`` (as in :func:`sum_tokens`).
 
-    Returns the merged features, each output token ``sum(x * size) / sum(size)`` over the tokens going to
-    it (accumulated in at least float32, returned in ``x``'s dtype), and the merged sizes ``[groups, tokens, 1]``.
+    Returns the merged features, each output token ``sum(x * size) * (1 / sum(size))`` over the tokens going
+    to it (accumulated in at least float32, returned in ``x``'s dtype), and the merged sizes ``[groups, tokens, 1]``.
     """
+    needs_graph = torch.is_grad_enabled() and (x.requires_grad or size is not None and size.requires_grad)
+    compiled = None if needs_graph or size is not None and size.dtype != torch.float32 else kernels.ops(x)
+    if compiled is not None:  # the same sums in the same order, in one compiled call
+        return compiled.average(x, size, index, groups, tokens)
     if size is None:
         size = torch.ones(*x.shape[:-1], 1, device=x.device, dtype=torch.float32)
         weighted = x if x.dtype in (torch.float32, torch.float64) else x.float()
     else:
         weighted = x * size  # promoted to at least the sizes' float32
     new_size = sum_tokens(size, index, groups, tokens, spare)
-    out = sum_tokens(weighted, index, groups, tokens, spare).div_(new_size)
+    out = sum_tokens(weighted, index, groups, tokens, spare)
+    out = out.mul_(new_size.to(out.dtype).reciprocal())  # one division per token (the kernel's arithmetic)
     return (out if out.dtype == x.dtype else out.to(x.dtype)), new_size
 
 
@@ -209,6 +222,19 @@ def _destinations(
     return dest
 
 
+def rule(protected: int, mode: str, order: str) -> tuple[int, bool, bool, bool]:
+    """The shape of a matching: (``head`` tokens set aside in front, staying A tokens kept in position order,
+    leaving A tokens discarded, hybrid), from the settings (see the module docstring)."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+    return (
+        0 if order == "paper" else protected,
+        order == "spatial" or protected > 0,
+        mode in ("drop", "random_drop"),
+        mode == "hybrid",
+    )
+
+
 def bipartite_match(
     metric: Tensor,
     r: int,
@@ -227,9 +253,7 @@ def bipartite_match(
     """
     g, n, _ = metric.shape
     p = protected
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
-    head = 0 if order == "paper" else p
+    head, sort_staying, drops, hybrid = rule(p, mode, order)
     if r <= 0:
         return Merge(head=head)
     if r > max_merge(n - p):
@@ -238,9 +262,12 @@ def bipartite_match(
     # Protected tokens inside the alternation (paper order): A positions 0, 2, .. < p and B positions 1, 3, .. < p.
     pa, pb = ((p + 1) // 2, p // 2) if head == 0 else (0, 0)
     device = metric.device
-    drops = mode in ("drop", "random_drop")
     if metric.requires_grad:  # indices only: no autograd graph
         metric = metric.detach()
+    compiled = None if mode.startswith("random") else kernels.ops(metric)
+    if compiled is not None:  # the same matching as below, in one compiled call
+        ranked, dest = compiled.match(metric, r, p, head, sort_staying, drops, hybrid, threshold)
+        return Merge(head, r, ranked, sort_staying, dest, discards=drops or hybrid)
     if mode.startswith("random"):
         scores = torch.rand(g, n_a, device=device, generator=generator)
         partner = torch.randint(n_b - pb, (g, n_a), device=device, generator=generator) + pb
@@ -254,9 +281,8 @@ def bipartite_match(
     if pa:
         scores[:, :pa] = -math.inf
     ranked = scores.argsort(dim=-1, descending=True, stable=True)
-    sort_staying = order == "spatial" or p > 0
     keep_b = None
-    if mode == "hybrid":  # a B token receiving any dissimilar A token is replaced by the A tokens
+    if hybrid:  # a B token receiving any dissimilar A token is replaced by the A tokens
         src_idx = ranked[:, :r]
         similar = scores.gather(1, src_idx) >= threshold
         dissimilar_b = torch.zeros(g, n_a, dtype=torch.long, device=device)  # padded to n_a like dest_b

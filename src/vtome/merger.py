@@ -10,7 +10,7 @@ Who owns what, and what travels where:
   :class:`Track` (sizes, index map, and with ``trace_source`` an identity source map) and passes
   ``(hidden_states, track)`` to each layer as arguments, getting the same back. Inside a layer, the
   attention takes ``Merger.bias(track)`` (proportional attention) and returns its keys with its output; the
-  layer hands them to ``Merger.merge(layer, x, track, metric)``, a pure function of its arguments. A
+  layer hands them to ``Merger.merge(layer, x, track, keys)``, a pure function of its arguments. A
   recomputed layer (gradient checkpointing) therefore sees exactly the inputs of its first run.
 - What a model needs after the encoder (VideoMAE's size-weighted mean pooling) comes back from the encoder
   as a return value.
@@ -21,7 +21,6 @@ Who owns what, and what travels where:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,18 +30,22 @@ import torch.nn as nn
 from torch import Tensor
 from torch.profiler import record_function
 
+from vtome import kernels
 from vtome.flops import stack_flops
 from vtome.layout import Layout
-from vtome.merge import aggregate_heads, attention_bias, average_tokens, bipartite_match, max_merge, sum_tokens
+from vtome.merge import (
+    aggregate_heads,
+    attention_bias,
+    average_tokens,
+    bipartite_match,
+    max_merge,
+    rule,
+    sum_tokens,
+)
 from vtome.settings import MergeSettings
 
 # Profiler range around all matching and merging work (shows the merge steps in a user's profiler trace).
 PROFILE_RANGE = "vtome.merge"
-
-
-def _profiled() -> contextlib.AbstractContextManager:
-    """The profiler range around matching and merging, only while a profiler runs (it costs a dispatch)."""
-    return record_function(PROFILE_RANGE) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
 
 
 class CapWarning(UserWarning):
@@ -111,20 +114,16 @@ class Merger:
 
     def r_at(self, layer: int) -> int:
         """Requested (uncapped) ``r`` for ``layer``."""
-        schedule = self.settings.schedule()
-        return schedule[layer] if layer < len(schedule) else 0
+        return self.settings.r_at(layer)
 
     def merges(self) -> bool:
         """Whether any layer will merge."""
         return any(self.settings.schedule())
 
-    def metric(self, layer: int, keys: Tensor) -> Tensor | None:
-        """The matching metric ``[B', N, d]`` from keys (projected ``[B', N, H*d]`` or per head
-        ``[B', H, N, d]``), or None if ``layer`` keeps every token."""
-        if self.r_at(layer) <= 0:
-            return None
-        with _profiled():  # matching is by cosine similarity: a sum over heads does as well as the mean
-            return aggregate_heads(keys.detach(), self.num_heads, self.settings.head_aggregation, scaled=False)
+    def metric(self, keys: Tensor) -> Tensor:
+        """The matching metric ``[B', N, d]`` from keys (projected ``[B', N, H*d]`` or per head ``[B', H, N, d]``)
+        by the settings' head aggregation (matching is by cosine similarity: the sum over heads does as the mean)."""
+        return aggregate_heads(keys, self.num_heads, self.settings.head_aggregation, scaled=False)
 
     def bias(self, track: Track, dtype: torch.dtype) -> Tensor | None:
         """Proportional-attention mask ``[B, 1, 1, N]`` (``log(size)``), or None when not needed."""
@@ -153,21 +152,33 @@ class Merger:
 
     # -- the merge step ----------------------------------------------------------------------------
     def merge(
-        self, layer: int, x: Tensor, track: Track, metric: Tensor | None, grouped: bool = False
+        self, layer: int, x: Tensor, track: Track, keys: Tensor | None, grouped: bool = False
     ) -> tuple[Tensor, Track]:
         """Merge after ``layer``'s attention: tokens ``x`` ``[B, N, C]`` and their :class:`Track` -> the same
-        with ``N'`` tokens.
+        with ``N'`` tokens, matched on the attention's ``keys``.
 
-        ``metric`` is :meth:`metric`'s output in model token order ``[B, N, d]``, or with ``grouped`` already
-        in group layout ``[G, n, d]`` (a divided model's per-frame keys); None (or ``r == 0``) keeps every token.
+        ``keys`` are projected ``[B, N, H*d]`` or per head ``[B, H, N, d]`` in model token order, or with
+        ``grouped`` already in group layout (``[G, n, H*d]`` or ``[G, H, n, d]``: a divided model's per-frame
+        keys); None (or ``r == 0``) keeps every token.
         """
         r = self.r_at(layer)
-        if r <= 0 or metric is None:
+        if r <= 0 or keys is None:
             return x, track
-        with _profiled():
-            if not grouped:
-                metric = self.layout.split(metric)[1]
-            return self._merge(layer, x, track, metric, r)
+        if torch.autograd.profiler._is_profiler_enabled:  # a range in the user's trace (it costs a dispatch)
+            with record_function(PROFILE_RANGE):
+                return self._step(layer, x, track, keys, grouped, r)
+        return self._step(layer, x, track, keys, grouped, r)
+
+    def _step(self, layer: int, x: Tensor, track: Track, keys: Tensor, grouped: bool, r: int) -> tuple[Tensor, Track]:
+        if keys.requires_grad:  # matching needs no gradient
+            keys = keys.detach()
+        fused = self._fused(layer, x, track, keys, grouped, r)
+        if fused is not None:
+            return fused
+        metric = self.metric(keys)
+        if not grouped and self.layout.frames is not None:  # a joint layout's group is the sequence
+            metric = self.layout.split(metric)[1]
+        return self._merge(layer, x, track, metric, r)
 
     def _merge(self, layer: int, x: Tensor, track: Track, metric: Tensor, r: int) -> tuple[Tensor, Track]:
         layout, s = self.layout, self.settings
@@ -218,6 +229,38 @@ class Merger:
         elif positions is not None:
             positions = average_tokens(positions, track.size, rows, batch, tokens, discards)[0]
         return out, Track(size, self._update_index(track.index, dest), source, positions)
+
+    def _fused(
+        self, layer: int, x: Tensor, track: Track, keys: Tensor, grouped: bool, r: int
+    ) -> tuple[Tensor, Track] | None:
+        """The whole step as one compiled call (:mod:`vtome.kernels`; the same result to the bit as
+        :meth:`_merge`) where it applies: CPU tensors, one matching per group (no repeated steps, per-frame
+        matching), a similarity mode, no positions or source maps, no autograd graph to record; else None."""
+        s, layout, size = self.settings, self.layout, track.size
+        if track.positions is not None or track.source is not None or s.mode not in ("merge", "drop", "hybrid"):
+            return None
+        if size is not None and (size.dtype != torch.float32 or size.requires_grad and torch.is_grad_enabled()):
+            return None
+        if s.duplicate.get(layer) or s.divided == "aligned" or x.requires_grad and torch.is_grad_enabled():
+            return None
+        compiled = kernels.ops(x, keys)
+        if compiled is None:
+            return None
+        heads = self.num_heads  # the kernel sums the keys over heads (in head order, as aggregate_heads does)
+        if s.head_aggregation != "mean" or keys.dtype not in (torch.float32, torch.float64):
+            keys, heads = self.metric(keys), 0
+        if not grouped and layout.frames is not None:
+            keys, heads = layout.split(self.metric(keys) if heads else keys)[1], 0
+        p = layout.group_protected
+        r = self._cap(layer, r, (keys.shape[1] if keys.dim() == 3 else keys.shape[2]) - p)
+        if r == 0:
+            return x, track
+        head, sort_staying, drop, hybrid = rule(p, s.mode, s.order)
+        out, size, index = compiled.step(
+            keys, heads, x, size, track.index, r, p, head, sort_staying, drop, hybrid, s.threshold,
+            layout.frames or 0, layout.protected, layout.time_minor,
+        )  # fmt: skip
+        return out, Track(size, index)
 
     def _update_index(self, index: Tensor | None, dest: Tensor) -> Tensor:
         """Compose the index map ``[G, n0]`` with one layer's group destinations ``dest`` ``[G, n]``: for each

@@ -132,9 +132,19 @@ class MergeSettings:
 
     def schedule(self) -> list[int]:
         """``r`` for each layer, before capping (0 outside ``layers`` and before ``start_layer``)."""
+        return list(self._cached_schedule())
+
+    def r_at(self, layer: int) -> int:
+        """``r`` for ``layer`` (as in :meth:`schedule`; 0 past the last layer)."""
+        schedule = self._cached_schedule()
+        return schedule[layer] if layer < len(schedule) else 0
+
+    def _cached_schedule(self) -> tuple[int, ...]:
         cached = self.__dict__.get("_schedule")
         if cached is None:
             values = parse_schedule(self.r, self.num_layers, self.start_layer)
-            cached = values if self.layers is None else [v if i in self.layers else 0 for i, v in enumerate(values)]
+            if self.layers is not None:
+                values = [v if i in self.layers else 0 for i, v in enumerate(values)]
+            cached = tuple(values)
             self.__dict__["_schedule"] = cached
-        return list(cached)
+        return cached

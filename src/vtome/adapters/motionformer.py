@@ -33,7 +33,7 @@ class MotionformerLayer(mf.MotionformerLayer):
         size = track.size
         bias = None if size is None or not merger.settings.prop_attn else size[..., 0].log().to(x.dtype)
         out, keys = self.attention(self.layernorm_before(x), frames, bias)
-        x, track = merger.merge(i, x + out, track, merger.metric(i, keys))
+        x, track = merger.merge(i, x + out, track, keys)
         return x + self.mlp(self.layernorm_after(x)), track
 
 

@@ -93,8 +93,7 @@ class TimesformerLayer(hf.TimesformerLayer):
 
         # Merge inside each frame on the spatial keys (class token left out: [B*T, heads, slots, d]), then the MLP.
         i = self._vtome_layer
-        metric = merger.metric(i, keys[:, :, 1:])
-        hidden_states, track = merger.merge(i, hidden_states, track, metric, grouped=True)
+        hidden_states, track = merger.merge(i, hidden_states, track, keys[:, :, 1:], grouped=True)
         layer_output = self.layernorm_after(hidden_states)
         layer_output = self.intermediate(layer_output)
         layer_output = self.output(layer_output)

@@ -69,7 +69,7 @@ class VideoMAELayer(hf.VideoMAELayer):
         normed = self.layernorm_before(hidden_states)
         context, _, keys = self.attention.attention(normed, merger.bias(track, hidden_states.dtype))
         hidden_states = self.attention.output(context, normed) + hidden_states
-        hidden_states, track = merger.merge(i, hidden_states, track, merger.metric(i, keys))
+        hidden_states, track = merger.merge(i, hidden_states, track, keys)
         layer_output = self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states)
         return layer_output, track
 

@@ -69,7 +69,7 @@ class VivitLayer(hf.VivitLayer):
             self.layernorm_before(hidden_states), attention_mask if bias is None else bias, **kwargs
         )
         hidden_states = self.dropout(attn_output) + residual
-        hidden_states, track = merger.merge(i, hidden_states, track, merger.metric(i, keys))
+        hidden_states, track = merger.merge(i, hidden_states, track, keys)
         residual = hidden_states
         hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states)))
         return hidden_states + residual, track

@@ -156,7 +156,7 @@ class VJEPA2Layer(hf.VJEPA2Layer):
         bias = merger.bias(track, hidden_states.dtype)
         context, probs, keys = self.attention(self.norm1(hidden_states), None, track.positions, bias)
         hidden_states = self.drop_path(context) + hidden_states
-        hidden_states, track = merger.merge(i, hidden_states, track, merger.metric(i, keys))
+        hidden_states, track = merger.merge(i, hidden_states, track, keys)
         hidden_states = self.drop_path(self.mlp(self.norm2(hidden_states))) + hidden_states
         return hidden_states, track, probs
 

@@ -1,0 +1,396 @@
+// Bipartite soft matching on the CPU as one call (see vtome/merge.py for the rule and the reference).
+//
+// The cosine similarities are computed with the same ATen operations as the PyTorch path (so they are
+// bit for bit the same); the best partner, the ranking and the destination map, about twenty small
+// tensor operations there, are plain loops here.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <limits>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// Run ``body(first, last)`` over items [0, n), split across ATen's threads when each thread gets at least ATen's
+// own grain of elements (``work`` per item); small inputs run inline (a parallel region costs more than it saves,
+// and the loop compiles as plain code).
+template <typename F>
+void for_range(int64_t n, int64_t work, const F& body) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(work, 1));
+  if (n > grain && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, n, grain, body);
+  } else {
+    body(0, n);
+  }
+}
+
+// torch's order for max / descending sort: NaN above everything.
+template <typename T>
+inline bool above(T a, T b) { return (std::isnan(a) && !std::isnan(b)) || a > b; }
+
+// Index of the largest of ``row[0:n]``, the first on ties, a NaN counting as the largest (torch.max's rule).
+// Two 16-byte vectors of running maxima (GCC/Clang vector types: SIMD on any target), then the lanes combined.
+template <typename T>
+int64_t best_index(const T* row, int64_t n) {
+  typedef T vec __attribute__((vector_size(16)));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+  typedef I ivec __attribute__((vector_size(16)));
+  constexpr int64_t width = 16 / sizeof(T), lanes = 2 * width;
+  const T lowest = -std::numeric_limits<T>::infinity();
+  vec best[2];
+  ivec at[2], lane[2], nan = {};
+  for (int q = 0; q < 2; ++q) {
+    for (int64_t k = 0; k < width; ++k) {
+      best[q][k] = lowest;
+      at[q][k] = -1;
+      lane[q][k] = q * width + k;
+    }
+  }
+  const int64_t whole = n - n % lanes;
+  for (int64_t j = 0; j < whole; j += lanes) {
+    for (int q = 0; q < 2; ++q) {
+      vec v;
+      std::memcpy(&v, row + j + q * width, sizeof v);
+      const ivec more = v > best[q];  // -1 where larger
+      best[q] = more ? v : best[q];
+      at[q] = more ? lane[q] : at[q];
+      nan |= v != v;
+      lane[q] += lanes;
+    }
+  }
+  int64_t found = -1;
+  T top = lowest;
+  bool has_nan = false;
+  for (int q = 0; q < 2; ++q) {
+    for (int64_t k = 0; k < width; ++k) {
+      has_nan |= nan[k] != 0;
+      if (at[q][k] >= 0 && (best[q][k] > top || (best[q][k] == top && at[q][k] < found))) {
+        top = best[q][k];
+        found = at[q][k];
+      }
+    }
+  }
+  for (int64_t j = whole; j < n; ++j) {
+    has_nan |= row[j] != row[j];
+    if (row[j] > top) {
+      top = row[j];
+      found = j;
+    }
+  }
+  if (has_nan) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (row[j] != row[j]) return j;
+    }
+  }
+  return found < 0 ? 0 : found;  // all -inf: the first
+}
+
+// Unit vectors of the A tokens (even positions) and the B tokens (odd positions) of ``metric`` [G, N, d], each
+// divided by its L2 norm clamped at 1e-12: the norm from ATen (so the cosine is PyTorch's to the bit), the rest
+// one loop. Returns ([G, n_a, d], [G, n_b, d]), contiguous.
+std::pair<at::Tensor, at::Tensor> unit_halves(const at::Tensor& metric) {
+  const int64_t g = metric.size(0), n = metric.size(1), d = metric.size(2), n_a = (n + 1) / 2, n_b = n / 2;
+  const at::Tensor src = metric.contiguous();
+  const at::Tensor norm = at::linalg_vector_norm(src, 2, at::IntArrayRef{-1}, true, std::nullopt).contiguous();
+  at::Tensor a = at::empty({g, n_a, d}, metric.options()), b = at::empty({g, n_b, d}, metric.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "vtome_units", [&] {
+    const scalar_t* __restrict xp = src.data_ptr<scalar_t>();
+    const scalar_t* __restrict np = norm.data_ptr<scalar_t>();
+    scalar_t* __restrict ap = a.data_ptr<scalar_t>();
+    scalar_t* __restrict bp = b.data_ptr<scalar_t>();
+    const scalar_t lowest = static_cast<scalar_t>(1e-12);
+    for_range(g * n, d, [&](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i) {
+        const int64_t k = i / n, t = i % n;
+        const scalar_t length = np[i] < lowest ? lowest : np[i];  // clamp_min_: NaN stays NaN
+        scalar_t* __restrict o = (t % 2 ? bp + (k * n_b + t / 2) * d : ap + (k * n_a + t / 2) * d);
+        for (int64_t j = 0; j < d; ++j) o[j] = xp[i * d + j] / length;
+      }
+    });
+  });
+  return {a, b};
+}
+
+// The best partners, the ranking and the destinations of each group from its similarities ``sim`` [G, n_a, n_b].
+template <typename T>
+void fill(const at::Tensor& sim, T limit, int64_t r, int64_t pa, int64_t pb, int64_t head, bool sort_staying, bool drop,
+          bool hybrid, int64_t* ranked_p, at::Tensor& dest) {
+  const int64_t g = sim.size(0), n_a = sim.size(1), n_b = sim.size(2), n = dest.size(1), n_unm = n_a - r;
+  const T* s = sim.data_ptr<T>();
+  int64_t* dest_p = dest.data_ptr<int64_t>();
+  std::vector<T> scores(g * n_a);
+  std::vector<int64_t> partners(g * n_a), rank(n_a);
+  for_range(g * n_a, n_b, [&](int64_t first, int64_t last) {
+    for (int64_t q = first; q < last; ++q) {  // best B partner of each A token (protected B tokens excluded)
+      const int64_t i = q % n_a;
+      const T* row = s + q * n_b;
+      partners[q] = best_index(row + pb, n_b - pb) + pb;
+      scores[q] = i < pa ? -std::numeric_limits<T>::infinity() : row[partners[q]];
+    }
+  });
+  std::vector<char> replaced(n_b);
+
+  for (int64_t k = 0; k < g; ++k) {
+    const T* score = scores.data() + k * n_a;
+    const int64_t* partner = partners.data() + k * n_a;
+    int64_t* rk = ranked_p + k * n_a;
+    std::iota(rk, rk + n_a, 0);
+    std::stable_sort(rk, rk + n_a, [&](int64_t a, int64_t b) { return above(score[a], score[b]); });
+    for (int64_t q = 0; q < n_a; ++q) rank[rk[q]] = q;
+
+    int64_t* d = dest_p + k * n;
+    for (int64_t t = 0; t < head; ++t) d[t] = t;
+    std::fill(replaced.begin(), replaced.end(), 0);
+    if (hybrid) {
+      for (int64_t q = 0; q < r; ++q) {
+        const T v = score[rk[q]];
+        if (!(v >= limit)) replaced[partner[rk[q]]] = 1;
+      }
+    }
+    int64_t staying_seen = 0;
+    for (int64_t i = 0; i < n_a; ++i) {
+      int64_t out;
+      if (rank[i] >= r) {
+        out = head + (sort_staying ? staying_seen++ : rank[i] - r);
+      } else {
+        out = drop ? -1 : head + n_unm + partner[i];
+      }
+      d[head + 2 * i] = out;
+    }
+    for (int64_t j = 0; j < n_b; ++j) d[head + 2 * j + 1] = replaced[j] ? -1 : head + n_unm + j;
+  }
+}
+
+// The matching of ``metric`` [G, N, C]: returns ``dest`` [G, N] and writes the ranking [G, n_a] to ``ranked``.
+at::Tensor match_into(const at::Tensor& metric, int64_t r, int64_t protected_tokens, int64_t head, bool sort_staying,
+                      bool drop, bool hybrid, double threshold, int64_t* ranked) {
+  TORCH_CHECK(metric.dim() == 3, "vtome::match: metric must be [G, N, C]");
+  const int64_t g = metric.size(0), n = metric.size(1);
+  const int64_t n_a = (n - head + 1) / 2, n_b = (n - head) / 2;
+  const int64_t pa = head == 0 ? (protected_tokens + 1) / 2 : 0, pb = head == 0 ? protected_tokens / 2 : 0;
+  TORCH_CHECK(r > 0 && r <= n_a && n_b > pb, "vtome::match: r out of range");
+
+  const auto [unit_a, unit_b] = unit_halves(head ? metric.slice(1, head) : metric);
+  at::Tensor sim = at::bmm(unit_a, unit_b.transpose(1, 2));
+  // Thresholds compare in the similarities' dtype (as `scores >= threshold` does in PyTorch); half
+  // precision widens to float exactly, double stays double.
+  const double limit = hybrid ? at::scalar_tensor(threshold, sim.options()).item<double>() : 0.0;
+  at::Tensor dest = at::empty({g, n}, metric.options().dtype(at::kLong));
+  if (sim.scalar_type() == at::kDouble) {
+    fill<double>(sim.contiguous(), limit, r, pa, pb, head, sort_staying, drop, hybrid, ranked, dest);
+  } else {
+    if (sim.scalar_type() != at::kFloat) sim = sim.to(at::kFloat);  // exact: half precision widens
+    fill<float>(sim.contiguous(), static_cast<float>(limit), r, pa, pb, head, sort_staying, drop, hybrid, ranked,
+                dest);
+  }
+  return dest;
+}
+
+std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& metric, int64_t r, int64_t protected_tokens,
+                                             int64_t head, bool sort_staying, bool drop, bool hybrid,
+                                             double threshold) {
+  TORCH_CHECK(metric.dim() == 3, "vtome::match: metric must be [G, N, C]");
+  at::Tensor ranked = at::empty({metric.size(0), (metric.size(1) - head + 1) / 2}, metric.options().dtype(at::kLong));
+  at::Tensor dest = match_into(metric, r, protected_tokens, head, sort_staying, drop, hybrid, threshold,
+                               ranked.data_ptr<int64_t>());
+  return {ranked, dest};
+}
+
+
+// Size-weighted average of tokens into their destination rows (vtome.merge.average_tokens, without autograd):
+// x [..., C] (M tokens), size [..., 1] float32 (undefined: ones), rows (M, a row >= groups * tokens discards its
+// token) -> (out [groups, tokens, C] in x's dtype, sizes [groups, tokens, 1] float32). Each product x * size is
+// rounded to the accumulation type W, added to its row in token order, then multiplied by 1 / (sum of sizes) in W,
+// as the PyTorch code does.
+template <typename X, typename W>
+void average_into(const at::Tensor& x, const at::Tensor& size, const int64_t* rows, int64_t out_rows, at::Tensor& out,
+                  at::Tensor& new_size) {
+  const int64_t m = x.size(0), c = x.size(1);
+  const X* xp = x.data_ptr<X>();
+  const float* sp = size.defined() ? size.data_ptr<float>() : nullptr;
+  float* np = new_size.data_ptr<float>();
+  for (int64_t i = 0; i < m; ++i) {
+    if (static_cast<uint64_t>(rows[i]) < static_cast<uint64_t>(out_rows)) np[rows[i]] += sp ? sp[i] : 1.0f;
+  }
+  // Accumulate in W: straight into the output when it is W, else in a buffer converted at the end.
+  std::vector<W> buffer(std::is_same_v<X, W> ? 0 : out_rows * c, W(0));
+  W* acc = std::is_same_v<X, W> ? reinterpret_cast<W*>(out.data_ptr<X>()) : buffer.data();
+  if (std::is_same_v<X, W>) std::fill(acc, acc + out_rows * c, W(0));
+  for_range(c, m, [&](int64_t c0, int64_t c1) {  // columns: each adds its tokens in order
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t row = rows[i];
+      if (static_cast<uint64_t>(row) >= static_cast<uint64_t>(out_rows)) continue;  // discarded
+      const W weight = sp ? static_cast<W>(sp[i]) : W(1);
+      const X* __restrict xi = xp + i * c;
+      W* __restrict a = acc + row * c;
+      for (int64_t j = c0; j < c1; ++j) a[j] += static_cast<W>(static_cast<W>(xi[j]) * weight);
+    }
+    X* op = out.data_ptr<X>();
+    for (int64_t row = 0; row < out_rows; ++row) {
+      const W inverse = W(1) / static_cast<W>(np[row]);  // one division per token, as the PyTorch code
+      const W* a = acc + row * c;
+      X* o = op + row * c;
+      for (int64_t j = c0; j < c1; ++j) o[j] = static_cast<X>(a[j] * inverse);
+    }
+  });
+}
+
+// average_cpu on raw row indices (one per token).
+std::tuple<at::Tensor, at::Tensor> average_rows(const at::Tensor& x, const std::optional<at::Tensor>& size,
+                                                const int64_t* rp, int64_t groups, int64_t tokens) {
+  const int64_t c = x.size(-1), m = x.numel() / std::max<int64_t>(c, 1), out_rows = groups * tokens;
+  const at::Tensor xc = x.contiguous().view({m, c});
+  const at::Tensor sc = size.has_value() ? size->contiguous() : at::Tensor();
+  TORCH_CHECK(!sc.defined() || (sc.scalar_type() == at::kFloat && sc.numel() == m),
+              "vtome::average: size must be float32 [..., 1], one per token");
+  at::Tensor out = at::empty({groups, tokens, c}, x.options());
+  at::Tensor new_size = at::zeros({groups, tokens, 1}, x.options().dtype(at::kFloat));
+  switch (x.scalar_type()) {
+    case at::kFloat: average_into<float, float>(xc, sc, rp, out_rows, out, new_size); break;
+    case at::kDouble: average_into<double, double>(xc, sc, rp, out_rows, out, new_size); break;
+    case at::kBFloat16: average_into<c10::BFloat16, float>(xc, sc, rp, out_rows, out, new_size); break;
+    case at::kHalf: average_into<c10::Half, float>(xc, sc, rp, out_rows, out, new_size); break;
+    default: TORCH_CHECK(false, "vtome::average: unsupported dtype ", x.scalar_type());
+  }
+  return {out, new_size};
+}
+
+std::tuple<at::Tensor, at::Tensor> average_cpu(const at::Tensor& x, const std::optional<at::Tensor>& size,
+                                               const at::Tensor& rows, int64_t groups, int64_t tokens) {
+  TORCH_CHECK(rows.numel() * std::max<int64_t>(x.size(-1), 1) == x.numel() && rows.scalar_type() == at::kLong,
+              "vtome::average: one long row index per token");
+  const at::Tensor rc = rows.contiguous();
+  return average_rows(x, size, rc.data_ptr<int64_t>(), groups, tokens);
+}
+
+
+// Sum of the keys over heads: keys [G, H, N, d] (any strides; or projected [G, N, H*d]) -> [G, N, d], added in
+// head order ((k0 + k1) + k2) + ..., as vtome.merge.aggregate_heads does on the CPU without this kernel.
+template <typename T>
+void sum_heads_into(const T* kp, int64_t g, int64_t h, int64_t n, int64_t d, int64_t sg, int64_t sh, int64_t sn,
+                    int64_t sd, T* __restrict op) {
+  for_range(g * n, h * d, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      T* __restrict o = op + i * d;
+      const T* k = kp + (i / n) * sg + (i % n) * sn;
+      if (sd == 1) {  // the usual case: each head's d values contiguous
+        for (int64_t j = 0; j < d; ++j) o[j] = k[j];
+        for (int64_t q = 1; q < h; ++q) {
+          const T* __restrict kq = k + q * sh;
+          for (int64_t j = 0; j < d; ++j) o[j] += kq[j];
+        }
+      } else {
+        for (int64_t j = 0; j < d; ++j) o[j] = k[j * sd];
+        for (int64_t q = 1; q < h; ++q) {
+          for (int64_t j = 0; j < d; ++j) o[j] += k[q * sh + j * sd];
+        }
+      }
+    }
+  });
+}
+
+at::Tensor sum_heads_cpu(const at::Tensor& keys, int64_t heads) {
+  TORCH_CHECK(keys.dim() == 4 || (keys.dim() == 3 && heads > 0 && keys.size(2) % heads == 0),
+              "vtome::sum_heads: keys must be [G, H, N, d], or [G, N, H*d] with H = heads");
+  // [G, H, N, d] sizes and strides, read off either layout without making views
+  const bool projected = keys.dim() == 3;
+  const int64_t g = keys.size(0), h = projected ? heads : keys.size(1), n = keys.size(projected ? 1 : 2);
+  const int64_t d = projected ? keys.size(2) / heads : keys.size(3), sd = keys.stride(projected ? 2 : 3);
+  const int64_t sh = projected ? d * sd : keys.stride(1), sn = keys.stride(projected ? 1 : 2), sg = keys.stride(0);
+  at::Tensor out = at::empty({g, n, d}, keys.options());
+  switch (keys.scalar_type()) {
+    case at::kFloat:
+      sum_heads_into<float>(keys.data_ptr<float>(), g, h, n, d, sg, sh, sn, sd, out.data_ptr<float>());
+      break;
+    case at::kDouble:
+      sum_heads_into<double>(keys.data_ptr<double>(), g, h, n, d, sg, sh, sn, sd, out.data_ptr<double>());
+      break;
+    default: TORCH_CHECK(false, "vtome::sum_heads: float32 or float64 keys only, got ", keys.scalar_type());
+  }
+  return out;
+}
+
+
+// One merge step of a model, fused (vtome.merger.Merger._merge for one matching per group, no positions or
+// source maps, no autograd): match on the keys (group layout; summed over ``heads`` as sum_heads does, or with
+// heads = 0 already the metric [G, n, d]), average the model's tokens x [B, N, C]
+// (sizes [B, N, 1] float32 or none) into their destinations in the model's token order, and compose the index
+// map [G, n0] (or none) with the destinations. ``frames`` = 0: joint layout, one group per clip (G = B, n = N);
+// else divided: ``set_aside`` leading tokens stay in front and each frame is a group (G = B * frames), frame
+// tokens time-minor (position set_aside + slot * frames + t) or time-major (set_aside + t * n + slot).
+// Returns (tokens [B, N', C], sizes [B, N', 1], index [G, n0]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(const at::Tensor& keys, int64_t heads, const at::Tensor& x,
+                                                        const std::optional<at::Tensor>& size,
+                                                        const std::optional<at::Tensor>& index, int64_t r,
+                                                        int64_t protected_tokens, int64_t head, bool sort_staying,
+                                                        bool drop, bool hybrid, double threshold, int64_t frames,
+                                                        int64_t set_aside, bool time_minor) {
+  TORCH_CHECK(x.dim() == 3, "vtome::step: x must be [B, N, C]");
+  const at::Tensor metric = heads > 0 ? sum_heads_cpu(keys, heads) : keys;
+  std::vector<int64_t> ranked((metric.size(1) + 1) / 2 * metric.size(0));
+  const at::Tensor dest =
+      match_into(metric, r, protected_tokens, head, sort_staying, drop, hybrid, threshold, ranked.data());
+  const int64_t b = x.size(0), tokens = x.size(1), g = dest.size(0), n = dest.size(1), n_out = n - r;
+  const int64_t f = frames > 0 ? frames : 1, p = frames > 0 ? set_aside : 0;
+  TORCH_CHECK(g == b * f && tokens == p + f * n, "vtome::step: metric groups do not match the tokens' layout");
+  const int64_t out_tokens = p + f * n_out, spare = b * out_tokens;
+  std::vector<int64_t> rows(b * tokens);
+  int64_t* rp = rows.data();
+  const int64_t* dp = dest.data_ptr<int64_t>();
+  for (int64_t c = 0; c < b; ++c) {  // row of each model token in the flattened output (spare: discarded)
+    int64_t* rc = rp + c * tokens;
+    const int64_t first = c * out_tokens;
+    for (int64_t i = 0; i < p; ++i) rc[i] = first + i;
+    for (int64_t t = 0; t < f; ++t) {
+      const int64_t* dg = dp + (c * f + t) * n;
+      for (int64_t slot = 0; slot < n; ++slot) {
+        const int64_t to = dg[slot];
+        const int64_t at = p + (time_minor ? slot * f + t : t * n + slot);
+        rc[at] = to < 0 ? spare : first + p + (time_minor ? to * f + t : t * n_out + to);
+      }
+    }
+  }
+  auto [out, new_size] = average_rows(x, size, rp, b, out_tokens);
+  at::Tensor new_index = dest;
+  if (index.has_value() && index->defined()) {  // each input token: the token covering it now (-1: dropped)
+    const at::Tensor old = index->contiguous();
+    TORCH_CHECK(old.dim() == 2 && old.size(0) == g, "vtome::step: index must be [G, n0]");
+    new_index = at::empty_like(old);
+    const int64_t n0 = old.size(1);
+    const int64_t* op = old.data_ptr<int64_t>();
+    int64_t* np = new_index.data_ptr<int64_t>();
+    for (int64_t k = 0; k < g; ++k) {
+      for (int64_t j = 0; j < n0; ++j) {
+        const int64_t was = op[k * n0 + j];
+        np[k * n0 + j] = was < 0 ? -1 : dp[k * n + was];
+      }
+    }
+  }
+  return {out, new_size, new_index};
+}
+}  // namespace
+
+TORCH_LIBRARY(vtome, m) {
+  m.def("match(Tensor metric, int r, int protected, int head, bool sort_staying, bool drop, bool hybrid, "
+        "float threshold) -> (Tensor, Tensor)");
+  m.def("average(Tensor x, Tensor? size, Tensor rows, int groups, int tokens) -> (Tensor, Tensor)");
+  m.def("sum_heads(Tensor keys, int heads) -> Tensor");
+  m.def("step(Tensor keys, int heads, Tensor x, Tensor? size, Tensor? index, int r, int protected, int head, "
+        "bool sort_staying, bool drop, bool hybrid, float threshold, int frames, int set_aside, bool time_minor) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(vtome, CPU, m) {
+  m.impl("match", &match_cpu);
+  m.impl("average", &average_cpu);
+  m.impl("sum_heads", &sum_heads_cpu);
+  m.impl("step", &step_cpu);
+}
