@@ -33,6 +33,9 @@ What happens to a leaving A token depends on the reduction mode:
 alternation A/B starts after them, and staying A tokens always keep their original order. It picks
 different pairs from the published method after the first merge (the next layer splits by position
 again), but keeps tokens in a stable spatial order.
+
+This module is the reference. On CPU tensors :mod:`vtome.kernels` runs the same steps compiled, with the same
+results to the bit.
 """
 
 from __future__ import annotations

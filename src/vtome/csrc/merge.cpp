@@ -1,8 +1,11 @@
-// Bipartite soft matching on the CPU as one call (see vtome/merge.py for the rule and the reference).
+// The merge step on the CPU as compiled loops (vtome/kernels.py loads this; vtome/merge.py states the rule and is
+// the reference): match (bipartite soft matching -> ranking and destination map), average (size-weighted merge
+// into destinations), sum_heads (keys summed over heads) and step (all of a model's merge step in one call).
 //
-// The cosine similarities are computed with the same ATen operations as the PyTorch path (so they are
-// bit for bit the same); the best partner, the ranking and the destination map, about twenty small
-// tensor operations there, are plain loops here.
+// Every result is the PyTorch code's to the bit: the cosine similarities come from the same ATen operations
+// (vector norm, bmm); every other value is computed by the same IEEE operations in the same order (sums in
+// token or head order, the same divisions, no fused multiply-adds), and ties and NaNs follow torch.max and the
+// stable descending sort. tests/test_kernels.py checks it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -11,10 +14,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 #include <limits>
 #include <numeric>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -370,6 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(const at::Tensor& keys, 
     for (int64_t k = 0; k < g; ++k) {
       for (int64_t j = 0; j < n0; ++j) {
         const int64_t was = op[k * n0 + j];
+        TORCH_CHECK(was < n, "vtome::step: index map points past the group's ", n, " tokens");
         np[k * n0 + j] = was < 0 ? -1 : dp[k * n + was];
       }
     }
