@@ -187,6 +187,38 @@ def test_training_takes_the_autograd_path_with_the_same_matching(family, monkeyp
     assert all(torch.equal(a, b) for a, b in zip(with_kernels, grads(), strict=True))
 
 
+@needs_kernels
+def test_strided_metrics_match_too(pytorch_only):
+    metric = torch.randn(2, 3137, 96).transpose(1, 2).contiguous().transpose(1, 2)  # rows not contiguous
+    for protected, order in [(0, "paper"), (1, "spatial")]:
+        reference = bipartite_match(metric, 150, protected=protected, order=order)
+        head, sort_staying, drop, hybrid = rule(protected, "merge", order)
+        ranked, dest = compiled.match(metric, 150, protected, head, sort_staying, drop, hybrid, 0.0)
+        assert torch.equal(ranked, reference.ranked) and torch.equal(dest, reference.dest)
+
+
+@needs_kernels
+def test_forward_mode_ad_and_gradients_of_the_metric_keep_to_pytorch(monkeypatch):
+    """The kernels have no autograd rules: forward-mode AD (torch.func.jvp) and a metric that needs a gradient
+    take the PyTorch code, so derivatives are those of the PyTorch code."""
+    model = vtome.patch(tiny("videomae", attn="eager"), r=6)
+    x, tangent = clip(model, batch=1), clip(model, batch=1, seed=2)
+
+    def jvp() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.func.jvp(lambda v: model(pixel_values=v).logits, (x,), (tangent,))
+
+    keys = torch.randn(2, 10, 32, requires_grad=True)
+    aggregate_heads(keys, 4, scaled=False).square().sum().backward()
+    out, derivative = jvp()
+    assert derivative.abs().sum() > 0
+    monkeypatch.setattr(kernels, "ops", lambda *tensors: None)
+    reference, reference_derivative = jvp()
+    assert torch.equal(out, reference) and torch.equal(derivative, reference_derivative)
+    keys_reference = keys.detach().clone().requires_grad_()
+    aggregate_heads(keys_reference, 4, scaled=False).square().sum().backward()
+    assert keys.grad is not None and torch.equal(keys.grad, keys_reference.grad)
+
+
 def test_kernels_off_by_environment(monkeypatch):
     monkeypatch.setenv("VTOME_KERNELS", "0")
     assert not kernels.enabled() and kernels._attempt() is None
@@ -198,6 +230,25 @@ def test_kernels_off_by_environment(monkeypatch):
 def test_kernels_are_built_where_a_compiler_is():
     """CI has a compiler: the fast path must really be the one under test, not a silent fallback."""
     assert compiled is not None
+
+
+@pytest.mark.skipif(COMPILER is None, reason="no C++ compiler here")
+def test_a_build_killed_midway_does_not_hang_the_next_process(tmp_path):
+    """PyTorch's builder waits forever on a lock file left by a killed build; vtome removes it under its own
+    lock (which the OS releases when a process dies)."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from vtome import kernels
+        folder = kernels.build_directory()
+        folder.mkdir(parents=True)
+        (folder / "lock").write_text("")  # what a build killed midway leaves
+        assert kernels.ops(torch.zeros(1)) is not None
+        """
+    )
+    env = {**__import__("os").environ, "VTOME_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_a_failed_build_warns_once_and_falls_back_to_the_same_results(tmp_path):

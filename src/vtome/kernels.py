@@ -9,26 +9,32 @@ the time differs.
 
 They are used on CPU tensors in eager mode, where no autograd graph is needed for the merged tokens (the
 matching itself never needs one). ``torch.compile``, ``torch.export`` and ``torch.jit`` trace the PyTorch
-code, so their graphs hold only ATen operations; CUDA uses the PyTorch code.
+code, so their graphs hold only ATen operations; forward-mode AD, ``torch.func`` transforms and CUDA use the
+PyTorch code too.
 
 The source is compiled with PyTorch's C++ extension tools (a C++ compiler is needed; ninja comes with
-vtome) into ``$VTOME_CACHE`` (default ``~/.cache/vtome``), once per PyTorch and Python version: about
-10-30 s, the first time a model merges on the CPU. ``VTOME_KERNELS=0`` never builds nor uses them. Where they
-cannot be built, vtome warns once (:class:`KernelWarning`, with the reason) and uses the PyTorch code.
+vtome) into ``$VTOME_CACHE`` (default ``~/.cache/vtome``), once per PyTorch version, Python version and
+source: about 10-30 s, the first time a model merges on the CPU. ``VTOME_KERNELS=0`` never builds nor uses
+them. Where they cannot be built, vtome warns once (:class:`KernelWarning`, with the reason) and uses the
+PyTorch code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import sys
 import threading
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.autograd import forward_ad
 
 SOURCE = Path(__file__).parent / "csrc" / "merge.cpp"
 
@@ -58,10 +64,16 @@ class Ops:
     step: Callable
 
 
+FLAGS = ["-O3", "-ffp-contract=off"]  # no fused multiply-adds: PyTorch's roundings
+
+
 def build_directory() -> Path:
-    """Where the kernels are built: one folder per PyTorch and Python version (a build is tied to both)."""
+    """Where the kernels are built: one folder per PyTorch version, Python version and source (a build is tied
+    to all three, so environments sharing the cache never overwrite each other's build)."""
     root = Path(os.environ.get("VTOME_CACHE") or Path.home() / ".cache" / "vtome")
-    version = f"torch-{torch.__version__.replace('+', '-')}-py{sys.version_info[0]}{sys.version_info[1]}"
+    code = SOURCE.read_bytes() if SOURCE.is_file() else b""
+    source = hashlib.sha256(code + " ".join(FLAGS).encode()).hexdigest()[:12]
+    version = f"torch-{torch.__version__.replace('+', '-')}-py{sys.version_info[0]}{sys.version_info[1]}-{source}"
     return root / "kernels" / version
 
 
@@ -74,24 +86,65 @@ _lock = threading.Lock()
 _loaded: list[Ops | None] = []  # empty until the first attempt; then its result, for the whole process
 
 
+BUILD_TIMEOUT_S = 600  # how long a process waits for another one's build before using the PyTorch code
+
+
 def _compile() -> None:
-    """Build (or find built) and load the extension; it registers ``torch.ops.vtome``."""
+    """Build (or find built) and load the extension; it registers ``torch.ops.vtome``.
+
+    One process builds at a time (an OS lock on the build folder, released if the process dies); while holding
+    it, a lock file that PyTorch's builder left behind (a process killed mid-build) is removed, since PyTorch
+    would otherwise wait for it forever."""
     from torch.utils.cpp_extension import load
 
-    if shutil.which("ninja") is None:  # PyTorch runs `ninja` from PATH; the ninja wheel puts it beside Python
-        import ninja
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     path = build_directory()
     path.mkdir(parents=True, exist_ok=True)
-    load(
-        name="vtome_kernels",
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-ffp-contract=off"],  # no fused multiply-adds: PyTorch's roundings
-        build_directory=str(path),
-        is_python_module=False,
-        verbose=False,
-    )
+    path_before = os.environ.get("PATH")
+    with _build_lock(path / "vtome.lock"):
+        (path / "lock").unlink(missing_ok=True)  # PyTorch's own lock: stale, as we hold the build lock
+        if shutil.which("ninja") is None:  # PyTorch runs `ninja` from PATH; the ninja wheel has one
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + (path_before or "")
+        try:
+            load(
+                name="vtome_kernels",
+                sources=[str(SOURCE)],
+                extra_cflags=FLAGS,
+                build_directory=str(path),
+                is_python_module=False,
+                verbose=False,
+            )
+        finally:
+            if path_before is None:
+                os.environ.pop("PATH", None)
+            else:
+                os.environ["PATH"] = path_before
+
+
+@contextlib.contextmanager
+def _build_lock(file: Path) -> Iterator[None]:
+    """An exclusive lock on ``file`` for this process (POSIX ``flock``: the OS drops it if the process dies);
+    raises TimeoutError after :data:`BUILD_TIMEOUT_S`. Without ``fcntl`` (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(file, "a") as handle:
+        deadline = time.monotonic() + BUILD_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building for {BUILD_TIMEOUT_S} s") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _load() -> Ops | None:
@@ -111,8 +164,11 @@ def _attempt() -> Ops | None:
         try:
             _compile()
         except Exception as error:  # no compiler, read-only cache, ...: the same results from the PyTorch code
-            lines = str(error).strip().splitlines()
-            reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            causes = ("error:", "not found", "no such file", "permission denied")
+            reason = next(
+                (line for line in lines if any(c in line.lower() for c in causes)), lines[-1] if lines else ""
+            )
             warnings.warn(
                 f"vtome: the CPU merge kernels could not be built in {build_directory()} "
                 f"({type(error).__name__}: {reason.strip()}); using the PyTorch code (same results, slower merge "
@@ -128,10 +184,14 @@ def _attempt() -> Ops | None:
 
 def ops(*tensors: torch.Tensor) -> Ops | None:
     """The compiled operators if they apply to ``tensors`` (plain CPU tensors, not while tracing for
-    ``torch.compile``/``torch.export``/``torch.jit``, whose graphs keep to ATen operations), else None."""
+    ``torch.compile``/``torch.export``/``torch.jit``, whose graphs keep to ATen operations, nor under forward-mode
+    AD or a ``torch.func`` transform), else None. They record no autograd graph: callers use them only where
+    none is needed."""
     for t in tensors:
         if not t.is_cpu or type(t) is not torch.Tensor:
             return None
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return None
+    if forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+        return None  # forward-mode AD and torch.func transforms need ATen operations (no rules for ours)
     return _load()

@@ -61,7 +61,11 @@ def aggregate_heads(keys: Tensor, num_heads: int, how: str = "mean", scaled: boo
     head order; half-precision keys always get the mean."""
     if how == "concat":
         return keys.transpose(1, 2).flatten(2) if keys.dim() == 4 else keys
-    if not scaled and keys.dtype in (torch.float32, torch.float64):
+    if (
+        not scaled
+        and keys.dtype in (torch.float32, torch.float64)
+        and not (keys.requires_grad and torch.is_grad_enabled())
+    ):
         compiled = kernels.ops(keys)
         if compiled is not None:
             return compiled.sum_heads(keys, num_heads)

@@ -101,8 +101,9 @@ int64_t best_index(const T* row, int64_t n) {
 // one loop. Returns ([G, n_a, d], [G, n_b, d]), contiguous.
 std::pair<at::Tensor, at::Tensor> unit_halves(const at::Tensor& metric) {
   const int64_t g = metric.size(0), n = metric.size(1), d = metric.size(2), n_a = (n + 1) / 2, n_b = n / 2;
+  // The norm of the tensor as given (a copy's norm can differ in the last bit where rows are strided).
+  const at::Tensor norm = at::linalg_vector_norm(metric, 2, at::IntArrayRef{-1}, true, std::nullopt).contiguous();
   const at::Tensor src = metric.contiguous();
-  const at::Tensor norm = at::linalg_vector_norm(src, 2, at::IntArrayRef{-1}, true, std::nullopt).contiguous();
   at::Tensor a = at::empty({g, n_a, d}, metric.options()), b = at::empty({g, n_b, d}, metric.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "vtome_units", [&] {
     const scalar_t* __restrict xp = src.data_ptr<scalar_t>();
