@@ -174,45 +174,38 @@ def merge_share(model: nn.Module, forward: Callable[[], object], device: str, re
     """Share of a patched ``model``'s forward time spent in its merge steps (metric, matching, merging).
 
     Measured without a profiler: one forward records what every merge step (``Merger.merge``) returns; then
-    the forward is timed as it is and with each merge step answered from
-    that record (every layer gets the same tokens, so everything else does the same work), interleaved
-    over ``repeats`` rounds. The share is ``1 - median(answered / as it is)`` over the rounds (each ratio from
-    two adjacent forwards, so slow drifts of the machine cancel), at least 0. What runs
-    once per forward outside the steps (the final index map, proportional-attention masks) counts as model
-    time. The record holds every layer's merged tokens until the measurement ends.
+    the forward is timed as it is and with each merge step answered from that record (every layer gets the
+    same tokens, so everything else does the same work), interleaved over ``repeats`` rounds. The share is
+    ``1 - median(answered / as it is)`` over the rounds (each ratio from two adjacent forwards, so slow drifts
+    of the machine cancel), at least 0. What runs once per forward outside the steps (the final index map,
+    proportional-attention masks) counts as model time. The record holds every layer's merged tokens until the
+    measurement ends.
     """
     steps = merger(model)
-    real = {"merge": steps.merge}
-    before = {name: vars(steps)[name] for name in real if name in vars(steps)}  # someone's own instrumentation
-    record: dict[str, list] = {name: [] for name in real}
+    real = steps.merge
+    own = vars(steps).get("merge")  # someone's own instrumentation, put back afterwards
+    record: list[object] = []
 
-    def recording(name: str) -> Callable[..., object]:
-        def call(*args: object, **kwargs: object) -> object:
-            record[name].append(real[name](*args, **kwargs))
-            return record[name][-1]
+    def recording(*args: object, **kwargs: object) -> object:
+        record.append(real(*args, **kwargs))
+        return record[-1]
 
-        return call
-
-    def answering(name: str) -> Callable[..., object]:
-        replies = iter(record[name])
-        return lambda *args, **kwargs: next(replies)
-
-    def with_steps(make: Callable[[str], Callable[..., object]]) -> object:
-        for name in real:  # instance attributes shadow the methods the patched layers call
-            setattr(steps, name, make(name))
+    def with_step(step: Callable[..., object]) -> object:
+        steps.merge = step  # an instance attribute shadows the method the patched layers call
         try:
             return forward()
         finally:
-            for name in real:
-                if name in before:
-                    setattr(steps, name, before[name])
-                else:
-                    delattr(steps, name)
+            if own is not None:
+                steps.merge = own
+            else:
+                del steps.merge
 
-    with_steps(recording)
-    times = time_interleaved(
-        {"as is": forward, "answered": lambda: with_steps(answering)}, warmup=1, repeats=repeats, device=device
-    )
+    def answered() -> object:
+        replies = iter(record)
+        return with_step(lambda *args, **kwargs: next(replies))
+
+    with_step(recording)
+    times = time_interleaved({"as is": forward, "answered": answered}, warmup=1, repeats=repeats, device=device)
     ratios = [answered / as_is for answered, as_is in zip(times["answered"], times["as is"])]  # paired by round
     return max(0.0, 1.0 - statistics.median(ratios))
 

@@ -182,16 +182,17 @@ def _attempt() -> Ops | None:
     return Ops(vtome.match.default, vtome.average.default, vtome.sum_heads.default, vtome.step.default)
 
 
-def ops(*tensors: torch.Tensor) -> Ops | None:
-    """The compiled operators if they apply to ``tensors`` (plain CPU tensors, not while tracing for
-    ``torch.compile``/``torch.export``/``torch.jit``, whose graphs keep to ATen operations, nor under forward-mode
-    AD or a ``torch.func`` transform), else None. They record no autograd graph: callers use them only where
-    none is needed."""
+def ops(*tensors: torch.Tensor | None) -> Ops | None:
+    """The compiled operators if they apply to ``tensors`` (None entries ignored): plain CPU tensors none of
+    which needs an autograd graph (the operators record none), not while tracing for
+    ``torch.compile``/``torch.export``/``torch.jit`` (whose graphs keep to ATen operations), nor under
+    forward-mode AD or a ``torch.func`` transform (no rules for our operators); else None."""
+    grad = torch.is_grad_enabled()
     for t in tensors:
-        if not t.is_cpu or type(t) is not torch.Tensor:
+        if t is not None and (not t.is_cpu or type(t) is not torch.Tensor or grad and t.requires_grad):
             return None
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return None
     if forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
-        return None  # forward-mode AD and torch.func transforms need ATen operations (no rules for ours)
+        return None
     return _load()

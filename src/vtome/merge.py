@@ -61,18 +61,14 @@ def aggregate_heads(keys: Tensor, num_heads: int, how: str = "mean", scaled: boo
     head order; half-precision keys always get the mean."""
     if how == "concat":
         return keys.transpose(1, 2).flatten(2) if keys.dim() == 4 else keys
-    if (
-        not scaled
-        and keys.dtype in (torch.float32, torch.float64)
-        and not (keys.requires_grad and torch.is_grad_enabled())
-    ):
-        compiled = kernels.ops(keys)
-        if compiled is not None:
-            return compiled.sum_heads(keys, num_heads)
+    summed = not scaled and keys.dtype in (torch.float32, torch.float64)
+    compiled = kernels.ops(keys) if summed else None
+    if compiled is not None:
+        return compiled.sum_heads(keys, num_heads)
     if keys.dim() == 3:
         g, n, c = keys.shape
         keys = keys.reshape(g, n, num_heads, c // num_heads).transpose(1, 2)
-    if scaled or keys.dtype not in (torch.float32, torch.float64):
+    if not summed:
         return keys.mean(1)
     if keys.device.type == "cpu":  # in head order, as the kernel adds them: both CPU paths agree to the bit
         return functools.reduce(torch.add, keys.unbind(1))
@@ -190,8 +186,7 @@ def average_tokens(
     Returns the merged features, each output token ``sum(x * size) * (1 / sum(size))`` over the tokens going
     to it (accumulated in at least float32, returned in ``x``'s dtype), and the merged sizes ``[groups, tokens, 1]``.
     """
-    needs_graph = torch.is_grad_enabled() and (x.requires_grad or size is not None and size.requires_grad)
-    compiled = None if needs_graph or size is not None and size.dtype != torch.float32 else kernels.ops(x)
+    compiled = None if size is not None and size.dtype != torch.float32 else kernels.ops(x, size)
     if compiled is not None:  # the same sums in the same order, in one compiled call
         return compiled.average(x, size, index, groups, tokens)
     if size is None:

@@ -172,13 +172,22 @@ class Merger:
     def _step(self, layer: int, x: Tensor, track: Track, keys: Tensor, grouped: bool, r: int) -> tuple[Tensor, Track]:
         if keys.requires_grad:  # matching needs no gradient
             keys = keys.detach()
-        fused = self._fused(layer, x, track, keys, grouped, r)
-        if fused is not None:
-            return fused
-        metric = self.metric(keys)
-        if not grouped and self.layout.frames is not None:  # a joint layout's group is the sequence
-            metric = self.layout.split(metric)[1]
-        return self._merge(layer, x, track, metric, r)
+        compiled = self._compiled(layer, x, track, keys)
+        in_groups = grouped or self.layout.frames is None  # a joint layout's group is the sequence
+        full = keys.dtype in (torch.float32, torch.float64)  # aggregate_heads sums only these
+        # the fused step sums the keys over heads itself, in head order as aggregate_heads does
+        heads = (
+            self.num_heads
+            if compiled is not None and in_groups and full and self.settings.head_aggregation == "mean"
+            else 0
+        )
+        if not heads:
+            keys = self.metric(keys)
+            if not in_groups:
+                keys = self.layout.split(keys)[1]
+        if compiled is not None:
+            return self._fused(compiled, layer, x, track, keys, heads, r)
+        return self._merge(layer, x, track, keys, r)
 
     def _merge(self, layer: int, x: Tensor, track: Track, metric: Tensor, r: int) -> tuple[Tensor, Track]:
         layout, s = self.layout, self.settings
@@ -230,34 +239,30 @@ class Merger:
             positions = average_tokens(positions, track.size, rows, batch, tokens, discards)[0]
         return out, Track(size, self._update_index(track.index, dest), source, positions)
 
+    def _compiled(self, layer: int, x: Tensor, track: Track, keys: Tensor) -> kernels.Ops | None:
+        """The compiled operators if the whole step can run as one call (:meth:`_fused`): what
+        :func:`vtome.kernels.ops` accepts, one matching per group (no repeated steps, per-frame matching), a
+        similarity mode, no positions or source maps; else None."""
+        s, size = self.settings, track.size
+        if track.positions is not None or track.source is not None or s.mode.startswith("random"):
+            return None
+        if s.duplicate.get(layer) or s.divided == "aligned" or size is not None and size.dtype != torch.float32:
+            return None
+        return kernels.ops(x, keys, size)
+
     def _fused(
-        self, layer: int, x: Tensor, track: Track, keys: Tensor, grouped: bool, r: int
-    ) -> tuple[Tensor, Track] | None:
-        """The whole step as one compiled call (:mod:`vtome.kernels`; the same result to the bit as
-        :meth:`_merge`) where it applies: CPU tensors, one matching per group (no repeated steps, per-frame
-        matching), a similarity mode, no positions or source maps, no autograd graph to record; else None."""
-        s, layout, size = self.settings, self.layout, track.size
-        if track.positions is not None or track.source is not None or s.mode not in ("merge", "drop", "hybrid"):
-            return None
-        if size is not None and (size.dtype != torch.float32 or size.requires_grad and torch.is_grad_enabled()):
-            return None
-        if s.duplicate.get(layer) or s.divided == "aligned" or x.requires_grad and torch.is_grad_enabled():
-            return None
-        compiled = kernels.ops(x, keys)
-        if compiled is None:
-            return None
-        heads = self.num_heads  # the kernel sums the keys over heads (in head order, as aggregate_heads does)
-        if s.head_aggregation != "mean" or keys.dtype not in (torch.float32, torch.float64):
-            keys, heads = self.metric(keys), 0
-        if not grouped and layout.frames is not None:
-            keys, heads = layout.split(self.metric(keys) if heads else keys)[1], 0
+        self, compiled: kernels.Ops, layer: int, x: Tensor, track: Track, keys: Tensor, heads: int, r: int
+    ) -> tuple[Tensor, Track]:
+        """:meth:`_merge` as one compiled call, the same result to the bit. ``keys`` in group layout: the metric
+        ``[G, n, d]`` (``heads == 0``) or keys the kernel sums over ``heads`` (``[G, n, H*d]`` or ``[G, H, n, d]``)."""
+        layout, s = self.layout, self.settings
         p = layout.group_protected
         r = self._cap(layer, r, (keys.shape[1] if keys.dim() == 3 else keys.shape[2]) - p)
         if r == 0:
             return x, track
         head, sort_staying, drop, hybrid = rule(p, s.mode, s.order)
         out, size, index = compiled.step(
-            keys, heads, x, size, track.index, r, p, head, sort_staying, drop, hybrid, s.threshold,
+            keys, heads, x, track.size, track.index, r, p, head, sort_staying, drop, hybrid, s.threshold,
             layout.frames or 0, layout.protected, layout.time_minor,
         )  # fmt: skip
         return out, Track(size, index)
