@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch.autograd import forward_ad
@@ -45,7 +46,7 @@ class KernelWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Ops:
-    """The compiled operators (``torch.ops.vtome``, CPU tensors):
+    """The compiled functions (the ``vtome_kernels`` extension module, CPU tensors):
 
     ``match(metric [G, N, C], r, protected, head, sort_staying, drop, hybrid, threshold) -> (ranked [G, n_a],
     dest [G, N])``, as :func:`vtome.merge.bipartite_match` builds them (the arguments from
@@ -89,8 +90,8 @@ _loaded: list[Ops | None] = []  # empty until the first attempt; then its result
 BUILD_TIMEOUT_S = 600  # how long a process waits for another one's build before using the PyTorch code
 
 
-def _compile() -> None:
-    """Build (or find built) and load the extension; it registers ``torch.ops.vtome``.
+def _compile() -> ModuleType:
+    """Build (or find built) and import the extension module.
 
     One process builds at a time (an OS lock on the build folder, released if the process dies); while holding
     it, a lock file that PyTorch's builder left behind (a process killed mid-build) is removed, since PyTorch
@@ -107,12 +108,12 @@ def _compile() -> None:
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + (path_before or "")
         try:
-            load(
+            return load(
                 name="vtome_kernels",
                 sources=[str(SOURCE)],
                 extra_cflags=FLAGS,
                 build_directory=str(path),
-                is_python_module=False,
+                is_python_module=True,
                 verbose=False,
             )
         finally:
@@ -160,26 +161,22 @@ def _load() -> Ops | None:
 def _attempt() -> Ops | None:
     if not enabled():
         return None
-    if not hasattr(torch.ops.vtome, "step"):  # an operator namespace registers once per process
-        try:
-            _compile()
-        except Exception as error:  # no compiler, read-only cache, ...: the same results from the PyTorch code
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-            causes = ("error:", "not found", "no such file", "permission denied")
-            reason = next(
-                (line for line in lines if any(c in line.lower() for c in causes)), lines[-1] if lines else ""
-            )
-            warnings.warn(
-                f"vtome: the CPU merge kernels could not be built in {build_directory()} "
-                f"({type(error).__name__}: {reason.strip()}); using the PyTorch code (same results, slower merge "
-                "steps at small batch). Install a C++ compiler or set VTOME_CACHE to a writable folder; "
-                "VTOME_KERNELS=0 turns the kernels off without this warning.",
-                KernelWarning,
-                stacklevel=4,
-            )
-            return None
-    vtome = torch.ops.vtome
-    return Ops(vtome.match.default, vtome.average.default, vtome.sum_heads.default, vtome.step.default)
+    try:
+        module = _compile()
+    except Exception as error:  # no compiler, read-only cache, ...: the same results from the PyTorch code
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        causes = ("error:", "not found", "no such file", "permission denied")
+        reason = next((line for line in lines if any(c in line.lower() for c in causes)), lines[-1] if lines else "")
+        warnings.warn(
+            f"vtome: the CPU merge kernels could not be built in {build_directory()} "
+            f"({type(error).__name__}: {reason.strip()}); using the PyTorch code (same results, slower merge "
+            "steps at small batch). Install a C++ compiler or set VTOME_CACHE to a writable folder; "
+            "VTOME_KERNELS=0 turns the kernels off without this warning.",
+            KernelWarning,
+            stacklevel=4,
+        )
+        return None
+    return Ops(module.match, module.average, module.sum_heads, module.step)
 
 
 def ops(*tensors: torch.Tensor | None) -> Ops | None:
@@ -191,8 +188,8 @@ def ops(*tensors: torch.Tensor | None) -> Ops | None:
     for t in tensors:
         if t is not None and (not t.is_cpu or type(t) is not torch.Tensor or grad and t.requires_grad):
             return None
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch._C._is_tracing():
         return None
     if forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
         return None
-    return _load()
+    return _loaded[0] if _loaded else _load()

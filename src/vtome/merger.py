@@ -99,6 +99,21 @@ class Track:
         return Track(*(None if t is None else t.detach() for t in values))
 
 
+@dataclass(frozen=True)
+class _Fusion:
+    """What the compiled merge step (:meth:`Merger._fused`) takes from the settings and layout, derived once
+    per settings: ``schedule`` is the settings' :meth:`~vtome.settings.MergeSettings.frozen_schedule` they came
+    from (a new one means the settings changed); ``single``: one matching per group by similarity (not a random
+    mode nor frames aligned); ``heads``: keys the kernel sums over heads (mean aggregation; else 0, the metric
+    is built first); ``protected``: protected tokens per group; ``args``: the step's arguments after ``r``."""
+
+    schedule: tuple[int, ...]
+    single: bool
+    heads: int
+    protected: int
+    args: tuple
+
+
 class Merger:
     """The merge step of one patched model: settings, layout and the last forward's record (see the module
     docstring). Every method but :meth:`record` is a function of its arguments and the settings."""
@@ -111,6 +126,7 @@ class Merger:
         self.hidden = hidden
         self.run = RunInfo()
         self._warned: set[int] = set()  # layers already warned about capping (warn once each)
+        self._fusion_cache: _Fusion | None = None  # derived from the settings, see _fusion
 
     def r_at(self, layer: int) -> int:
         """Requested (uncapped) ``r`` for ``layer``."""
@@ -161,7 +177,7 @@ class Merger:
         ``grouped`` already in group layout (``[G, n, H*d]`` or ``[G, H, n, d]``: a divided model's per-frame
         keys); None (or ``r == 0``) keeps every token.
         """
-        r = self.r_at(layer)
+        r = self.settings.r_at(layer)
         if r <= 0 or keys is None:
             return x, track
         if torch.autograd.profiler._is_profiler_enabled:  # a range in the user's trace (it costs a dispatch)
@@ -172,22 +188,17 @@ class Merger:
     def _step(self, layer: int, x: Tensor, track: Track, keys: Tensor, grouped: bool, r: int) -> tuple[Tensor, Track]:
         if keys.requires_grad:  # matching needs no gradient
             keys = keys.detach()
-        compiled = self._compiled(layer, x, track, keys)
-        in_groups = grouped or self.layout.frames is None  # a joint layout's group is the sequence
-        full = keys.dtype in (torch.float32, torch.float64)  # aggregate_heads sums only these
-        # the fused step sums the keys over heads itself, in head order as aggregate_heads does
-        heads = (
-            self.num_heads
-            if compiled is not None and in_groups and full and self.settings.head_aggregation == "mean"
-            else 0
-        )
-        if not heads:
-            keys = self.metric(keys)
-            if not in_groups:
-                keys = self.layout.split(keys)[1]
-        if compiled is not None:
-            return self._fused(compiled, layer, x, track, keys, heads, r)
-        return self._merge(layer, x, track, keys, r)
+        size = track.size
+        if track.positions is None and track.source is None and (size is None or size.dtype == torch.float32):
+            compiled = kernels.ops(x, keys, size)  # None where the kernels do not apply
+            if compiled is not None:
+                fusion = self._fusion()
+                if fusion.single and not self.settings.duplicate.get(layer):
+                    return self._fused(compiled, fusion, layer, x, track, keys, grouped, r)
+        metric = self.metric(keys)
+        if not (grouped or self.layout.frames is None):  # a joint layout's group is the sequence
+            metric = self.layout.split(metric)[1]
+        return self._merge(layer, x, track, metric, r)
 
     def _merge(self, layer: int, x: Tensor, track: Track, metric: Tensor, r: int) -> tuple[Tensor, Track]:
         layout, s = self.layout, self.settings
@@ -239,32 +250,57 @@ class Merger:
             positions = average_tokens(positions, track.size, rows, batch, tokens, discards)[0]
         return out, Track(size, self._update_index(track.index, dest), source, positions)
 
-    def _compiled(self, layer: int, x: Tensor, track: Track, keys: Tensor) -> kernels.Ops | None:
-        """The compiled operators if the whole step can run as one call (:meth:`_fused`): what
-        :func:`vtome.kernels.ops` accepts, one matching per group (no repeated steps, per-frame matching), a
-        similarity mode, no positions or source maps; else None."""
-        s, size = self.settings, track.size
-        if track.positions is not None or track.source is not None or s.mode.startswith("random"):
-            return None
-        if s.duplicate.get(layer) or s.divided == "aligned" or size is not None and size.dtype != torch.float32:
-            return None
-        return kernels.ops(x, keys, size)
+    def _fusion(self) -> _Fusion:
+        """The compiled step's constants for the current settings (derived again after a setting changes)."""
+        s = self.settings
+        schedule = s.frozen_schedule()
+        fusion = self.__dict__.get("_fusion_cache")
+        if fusion is None or fusion.schedule is not schedule:
+            layout = self.layout
+            p = layout.group_protected
+            fusion = _Fusion(
+                schedule,
+                single=not s.mode.startswith("random") and s.divided != "aligned",
+                heads=self.num_heads if s.head_aggregation == "mean" else 0,
+                protected=p,
+                args=(
+                    p,
+                    *rule(p, s.mode, s.order),
+                    s.threshold,
+                    layout.frames or 0,
+                    layout.protected,
+                    layout.time_minor,
+                ),
+            )
+            self._fusion_cache = fusion
+        return fusion
 
     def _fused(
-        self, compiled: kernels.Ops, layer: int, x: Tensor, track: Track, keys: Tensor, heads: int, r: int
+        self,
+        compiled: kernels.Ops,
+        fusion: _Fusion,
+        layer: int,
+        x: Tensor,
+        track: Track,
+        keys: Tensor,
+        grouped: bool,
+        r: int,
     ) -> tuple[Tensor, Track]:
-        """:meth:`_merge` as one compiled call, the same result to the bit. ``keys`` in group layout: the metric
-        ``[G, n, d]`` (``heads == 0``) or keys the kernel sums over ``heads`` (``[G, n, H*d]`` or ``[G, H, n, d]``)."""
-        layout, s = self.layout, self.settings
-        p = layout.group_protected
-        r = self._cap(layer, r, (keys.shape[1] if keys.dim() == 3 else keys.shape[2]) - p)
+        """:meth:`_merge` as one compiled call, the same result to the bit. The kernel sums the keys over heads
+        itself (in head order, as :func:`vtome.merge.aggregate_heads` does) when they are float32/64 in group
+        layout and heads are averaged; else it takes the metric ``[G, n, d]``."""
+        in_groups = grouped or self.layout.frames is None
+        heads = fusion.heads if in_groups and keys.dtype in (torch.float32, torch.float64) else 0
+        if not heads:
+            keys = self.metric(keys)
+            if not in_groups:
+                keys = self.layout.split(keys)[1]
+        n = (keys.shape[1] if keys.dim() == 3 else keys.shape[2]) - fusion.protected
+        if r > max_merge(n):
+            r = self._cap(layer, r, n)
         if r == 0:
             return x, track
-        head, sort_staying, drop, hybrid = rule(p, s.mode, s.order)
-        out, size, index = compiled.step(
-            keys, heads, x, track.size, track.index, r, p, head, sort_staying, drop, hybrid, s.threshold,
-            layout.frames or 0, layout.protected, layout.time_minor,
-        )  # fmt: skip
+        out, size, index = compiled.step(keys, heads, x, track.size, track.index, r, *fusion.args)
         return out, Track(size, index)
 
     def _update_index(self, index: Tensor | None, dest: Tensor) -> Tensor:

@@ -132,14 +132,16 @@ class MergeSettings:
 
     def schedule(self) -> list[int]:
         """``r`` for each layer, before capping (0 outside ``layers`` and before ``start_layer``)."""
-        return list(self._cached_schedule())
+        return list(self.frozen_schedule())
 
     def r_at(self, layer: int) -> int:
         """``r`` for ``layer`` (as in :meth:`schedule`; 0 past the last layer)."""
-        schedule = self._cached_schedule()
+        schedule = self.frozen_schedule()
         return schedule[layer] if layer < len(schedule) else 0
 
-    def _cached_schedule(self) -> tuple[int, ...]:
+    def frozen_schedule(self) -> tuple[int, ...]:
+        """:meth:`schedule` as a tuple, cached: the same object until a setting is assigned, a new one after
+        (so it also tells whether values derived from the settings are still current)."""
         cached = self.__dict__.get("_schedule")
         if cached is None:
             values = parse_schedule(self.r, self.num_layers, self.start_layer)
