@@ -55,13 +55,23 @@ template <typename T>
 inline bool above(T a, T b) { return (std::isnan(a) && !std::isnan(b)) || a > b; }
 
 // Index of the largest of ``row[0:n]``, the first on ties, a NaN counting as the largest (torch.max's rule).
-// Two 16-byte vectors of running maxima (GCC/Clang vector types: SIMD on any target), then the lanes combined.
+// Two 32-byte vectors of running maxima and their positions (GCC/Clang vector types: SIMD on any target), the
+// last ones loaded again overlapping the earlier ones (an element seen twice keeps its position, and a lane
+// only ever sees later positions, so ties keep the first), then the lanes combined.
 template <typename T>
 VTOME_INLINE int64_t best_index(const T* row, int64_t n) {
-  typedef T vec __attribute__((vector_size(16)));
+  typedef T vec __attribute__((vector_size(32)));
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
-  typedef I ivec __attribute__((vector_size(16)));
-  constexpr int64_t width = 16 / sizeof(T), lanes = 2 * width;
+  typedef I ivec __attribute__((vector_size(32)));
+  constexpr int64_t width = 32 / sizeof(T), lanes = 2 * width;
+  if (n < lanes) {  // short rows: one scalar pass
+    int64_t found = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      if (row[j] != row[j]) return j;
+      if (row[j] > row[found]) found = j;
+    }
+    return found;
+  }
   const T lowest = -std::numeric_limits<T>::infinity();
   vec best[2];
   ivec at[2], lane[2], nan = {};
@@ -72,18 +82,19 @@ VTOME_INLINE int64_t best_index(const T* row, int64_t n) {
       lane[q][k] = q * width + k;
     }
   }
-  const int64_t whole = n - n % lanes;
-  for (int64_t j = 0; j < whole; j += lanes) {
+  const auto take = [&](int64_t j) {
     for (int q = 0; q < 2; ++q) {
       vec v;
       std::memcpy(&v, row + j + q * width, sizeof v);
       const ivec more = v > best[q];  // -1 where larger
       best[q] = more ? v : best[q];
-      at[q] = more ? lane[q] : at[q];
+      at[q] = more ? lane[q] + static_cast<I>(j) : at[q];
       nan |= v != v;
-      lane[q] += lanes;
     }
-  }
+  };
+  int64_t j = 0;
+  for (; j + lanes <= n; j += lanes) take(j);
+  if (j < n) take(n - lanes);
   int64_t found = -1;
   T top = lowest;
   bool has_nan = false;
@@ -96,16 +107,9 @@ VTOME_INLINE int64_t best_index(const T* row, int64_t n) {
       }
     }
   }
-  for (int64_t j = whole; j < n; ++j) {
-    has_nan |= row[j] != row[j];
-    if (row[j] > top) {
-      top = row[j];
-      found = j;
-    }
-  }
   if (has_nan) {
-    for (int64_t j = 0; j < n; ++j) {
-      if (row[j] != row[j]) return j;
+    for (int64_t i = 0; i < n; ++i) {
+      if (row[i] != row[i]) return i;
     }
   }
   return found < 0 ? 0 : found;  // all -inf: the first
@@ -145,6 +149,30 @@ std::pair<at::Tensor, at::Tensor> unit_halves(const at::Tensor& metric) {
   return {a, b};
 }
 
+// ``score[0:n]`` ranked as torch's stable descending sort (NaN first, ties and -0.0 == 0.0 in position order):
+// positions to ``ranked``. float32: one sort of 64-bit keys (score order above, position below) in ``keys``;
+// else a stable sort.
+template <typename T>
+void rank_descending(const T* score, int64_t n, int64_t* ranked, std::vector<uint64_t>& keys) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n <= static_cast<int64_t>(keys.size()) && n < (int64_t{1} << 32)) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = score[i] == 0.0f ? 0.0f : score[i];  // -0.0 ties with 0.0
+        uint32_t bits;
+        std::memcpy(&bits, &v, sizeof bits);
+        const uint32_t ascending = bits & 0x80000000u ? ~bits : bits | 0x80000000u;  // float order as integers
+        const uint32_t descending = v != v ? 0u : ~ascending;  // every NaN first (~+inf is above 0)
+        keys[i] = static_cast<uint64_t>(descending) << 32 | static_cast<uint64_t>(i);
+      }
+      std::sort(keys.begin(), keys.begin() + n);
+      for (int64_t i = 0; i < n; ++i) ranked[i] = static_cast<int64_t>(keys[i] & 0xffffffffu);
+      return;
+    }
+  }
+  std::iota(ranked, ranked + n, 0);
+  std::stable_sort(ranked, ranked + n, [&](int64_t a, int64_t b) { return above(score[a], score[b]); });
+}
+
 // The best B partner of A rows [first, last) of ``s`` [G * n_a, n_b] and its similarity: the first ``pb`` B
 // tokens (protected) are never partners, and the first ``pa`` A tokens of each group (protected) score -inf.
 template <typename T>
@@ -166,6 +194,7 @@ void fill(const at::Tensor& sim, T limit, int64_t r, int64_t pa, int64_t pb, int
   int64_t* dest_p = dest.data_ptr<int64_t>();
   std::vector<T> scores(g * n_a);
   std::vector<int64_t> partners(g * n_a), rank(n_a);
+  std::vector<uint64_t> keys(std::is_same_v<T, float> ? n_a : 0);
   for_range(g * n_a, n_b, [&](int64_t first, int64_t last) {
     best_partners(s, first, last, n_a, n_b, pa, pb, partners.data(), scores.data());
   });
@@ -175,8 +204,7 @@ void fill(const at::Tensor& sim, T limit, int64_t r, int64_t pa, int64_t pb, int
     const T* score = scores.data() + k * n_a;
     const int64_t* partner = partners.data() + k * n_a;
     int64_t* rk = ranked_p + k * n_a;
-    std::iota(rk, rk + n_a, 0);
-    std::stable_sort(rk, rk + n_a, [&](int64_t a, int64_t b) { return above(score[a], score[b]); });
+    rank_descending(score, n_a, rk, keys);
     for (int64_t q = 0; q < n_a; ++q) rank[rk[q]] = q;
 
     int64_t* d = dest_p + k * n;
