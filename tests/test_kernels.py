@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import shutil
 import subprocess
@@ -159,6 +160,29 @@ def test_patched_models_give_the_same_outputs_with_and_without_kernels(family, s
     assert torch.equal(logits, reference)
     assert run.tokens_per_layer == reference_run.tokens_per_layer
     assert torch.equal(run.size, reference_run.size) and torch.equal(run.index, reference_run.index)
+
+
+NOT_PATCH_ARGUMENTS = ("num_layers", "position_merge", "flops")
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["videomae", "timesformer"])
+def test_settings_changed_between_forwards_take_effect(family):
+    """The compiled step keeps constants derived from the settings: assigning a setting must renew them."""
+    r = 2 if family == "timesformer" else 6
+    model = vtome.patch(tiny(family), r=r)
+    x = clip(model)
+    forward(model, x)
+    changes = [dict(mode="hybrid"), dict(threshold=0.5), dict(order="spatial"), dict(duplicate={1: 1}), dict(r=1)]
+    for change in changes:
+        for name, value in change.items():
+            setattr(vtome.settings(model), name, value)
+        logits, run = forward(model, x)
+        settings = dataclasses.asdict(vtome.settings(model))
+        fresh = vtome.patch(tiny(family), **{k: settings[k] for k in settings if k not in NOT_PATCH_ARGUMENTS})
+        reference, reference_run = forward(fresh, x)
+        assert torch.equal(logits, reference), change
+        assert run.tokens_per_layer == reference_run.tokens_per_layer, change
 
 
 @needs_kernels

@@ -184,12 +184,20 @@ def ops(*tensors: torch.Tensor | None) -> Ops | None:
     which needs an autograd graph (the operators record none), not while tracing for
     ``torch.compile``/``torch.export``/``torch.jit`` (whose graphs keep to ATen operations), nor under
     forward-mode AD or a ``torch.func`` transform (no rules for our operators); else None."""
-    grad = torch.is_grad_enabled()
+    # (runs at every merge step: the functions are looked up once, at import)
+    grad = _grad_enabled()
     for t in tensors:
-        if t is not None and (not t.is_cpu or type(t) is not torch.Tensor or grad and t.requires_grad):
+        if t is not None and (not t.is_cpu or type(t) is not _Tensor or grad and t.requires_grad):
             return None
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch._C._is_tracing():
+    if _is_compiling() or _is_exporting() or _is_tracing():
         return None
-    if forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+    if forward_ad._current_level >= 0 or _transforms() is not None:
         return None
     return _loaded[0] if _loaded else _load()
+
+
+_Tensor = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
+_is_compiling, _is_exporting = torch.compiler.is_compiling, torch.compiler.is_exporting
+_is_tracing = torch._C._is_tracing
+_transforms = torch._C._functorch.peek_interpreter_stack

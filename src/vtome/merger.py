@@ -46,6 +46,8 @@ from vtome.settings import MergeSettings
 
 # Profiler range around all matching and merging work (shows the merge steps in a user's profiler trace).
 PROFILE_RANGE = "vtome.merge"
+_profiler = torch.autograd.profiler
+_SUMMED = (torch.float32, torch.float64)  # key dtypes aggregate_heads sums in head order (and the kernel too)
 
 
 class CapWarning(UserWarning):
@@ -103,12 +105,15 @@ class Track:
 class _Fusion:
     """What the compiled merge step (:meth:`Merger._fused`) takes from the settings and layout, derived once
     per settings: ``schedule`` is the settings' :meth:`~vtome.settings.MergeSettings.frozen_schedule` they came
-    from (a new one means the settings changed); ``single``: one matching per group by similarity (not a random
-    mode nor frames aligned); ``heads``: keys the kernel sums over heads (mean aggregation; else 0, the metric
-    is built first); ``protected``: protected tokens per group; ``args``: the step's arguments after ``r``."""
+    from (a new one means a setting was assigned); ``layers``: per layer, whether its step is one matching per
+    group by similarity (not a random mode, no repeated steps, frames not aligned); ``joint``: a joint layout
+    (its group is the sequence); ``heads``: keys the kernel sums over heads (mean aggregation; else 0, the
+    metric is built first); ``protected``: protected tokens per group; ``args``: the step's arguments after
+    ``r``."""
 
     schedule: tuple[int, ...]
-    single: bool
+    layers: tuple[bool, ...]
+    joint: bool
     heads: int
     protected: int
     args: tuple
@@ -118,6 +123,8 @@ class Merger:
     """The merge step of one patched model: settings, layout and the last forward's record (see the module
     docstring). Every method but :meth:`record` is a function of its arguments and the settings."""
 
+    _fusion_cache: _Fusion | None = None  # constants derived from the settings (see _fusion)
+
     def __init__(self, settings: MergeSettings, layout: Layout, num_heads: int, attention: str, hidden: int) -> None:
         self.settings = settings
         self.layout = layout
@@ -126,7 +133,6 @@ class Merger:
         self.hidden = hidden
         self.run = RunInfo()
         self._warned: set[int] = set()  # layers already warned about capping (warn once each)
-        self._fusion_cache: _Fusion | None = None  # derived from the settings, see _fusion
 
     def r_at(self, layer: int) -> int:
         """Requested (uncapped) ``r`` for ``layer``."""
@@ -177,23 +183,29 @@ class Merger:
         ``grouped`` already in group layout (``[G, n, H*d]`` or ``[G, H, n, d]``: a divided model's per-frame
         keys); None (or ``r == 0``) keeps every token.
         """
-        r = self.settings.r_at(layer)
+        # (this runs at every layer of every forward: at batch 1 on a small model, each lookup counts)
+        schedule = self.settings.frozen_schedule()
+        r = schedule[layer] if layer < len(schedule) else 0
         if r <= 0 or keys is None:
             return x, track
-        if torch.autograd.profiler._is_profiler_enabled:  # a range in the user's trace (it costs a dispatch)
+        if _profiler._is_profiler_enabled:  # a range in the user's trace (it costs a dispatch)
             with record_function(PROFILE_RANGE):
-                return self._step(layer, x, track, keys, grouped, r)
-        return self._step(layer, x, track, keys, grouped, r)
+                return self._step(layer, x, track, keys, grouped, r, schedule)
+        return self._step(layer, x, track, keys, grouped, r, schedule)
 
-    def _step(self, layer: int, x: Tensor, track: Track, keys: Tensor, grouped: bool, r: int) -> tuple[Tensor, Track]:
+    def _step(
+        self, layer: int, x: Tensor, track: Track, keys: Tensor, grouped: bool, r: int, schedule: tuple[int, ...]
+    ) -> tuple[Tensor, Track]:
         if keys.requires_grad:  # matching needs no gradient
             keys = keys.detach()
         size = track.size
         if track.positions is None and track.source is None and (size is None or size.dtype == torch.float32):
             compiled = kernels.ops(x, keys, size)  # None where the kernels do not apply
             if compiled is not None:
-                fusion = self._fusion()
-                if fusion.single and not self.settings.duplicate.get(layer):
+                fusion = self._fusion_cache
+                if fusion is None or fusion.schedule is not schedule:
+                    fusion = self._fusion(schedule)
+                if fusion.layers[layer]:
                     return self._fused(compiled, fusion, layer, x, track, keys, grouped, r)
         metric = self.metric(keys)
         if not (grouped or self.layout.frames is None):  # a joint layout's group is the sequence
@@ -250,30 +262,21 @@ class Merger:
             positions = average_tokens(positions, track.size, rows, batch, tokens, discards)[0]
         return out, Track(size, self._update_index(track.index, dest), source, positions)
 
-    def _fusion(self) -> _Fusion:
-        """The compiled step's constants for the current settings (derived again after a setting changes)."""
-        s = self.settings
-        schedule = s.frozen_schedule()
-        fusion = self.__dict__.get("_fusion_cache")
-        if fusion is None or fusion.schedule is not schedule:
-            layout = self.layout
-            p = layout.group_protected
-            fusion = _Fusion(
-                schedule,
-                single=not s.mode.startswith("random") and s.divided != "aligned",
-                heads=self.num_heads if s.head_aggregation == "mean" else 0,
-                protected=p,
-                args=(
-                    p,
-                    *rule(p, s.mode, s.order),
-                    s.threshold,
-                    layout.frames or 0,
-                    layout.protected,
-                    layout.time_minor,
-                ),
-            )
-            self._fusion_cache = fusion
-        return fusion
+    def _fusion(self, schedule: tuple[int, ...]) -> _Fusion:
+        """The compiled step's constants for the settings whose :meth:`~MergeSettings.frozen_schedule` is
+        ``schedule`` (kept until a setting is assigned)."""
+        s, layout = self.settings, self.layout
+        p = layout.group_protected
+        single = not s.mode.startswith("random") and s.divided != "aligned"  # one matching per group, by similarity
+        self._fusion_cache = _Fusion(
+            schedule,
+            layers=tuple(single and not s.duplicate.get(i) for i in range(len(schedule))),  # no repeated steps
+            joint=layout.frames is None,
+            heads=self.num_heads if s.head_aggregation == "mean" else 0,
+            protected=p,
+            args=(p, *rule(p, s.mode, s.order), s.threshold, layout.frames or 0, layout.protected, layout.time_minor),
+        )
+        return self._fusion_cache
 
     def _fused(
         self,
@@ -289,13 +292,13 @@ class Merger:
         """:meth:`_merge` as one compiled call, the same result to the bit. The kernel sums the keys over heads
         itself (in head order, as :func:`vtome.merge.aggregate_heads` does) when they are float32/64 in group
         layout and heads are averaged; else it takes the metric ``[G, n, d]``."""
-        in_groups = grouped or self.layout.frames is None
-        heads = fusion.heads if in_groups and keys.dtype in (torch.float32, torch.float64) else 0
+        in_groups = grouped or fusion.joint
+        heads = fusion.heads if in_groups and keys.dtype in _SUMMED else 0
         if not heads:
             keys = self.metric(keys)
             if not in_groups:
                 keys = self.layout.split(keys)[1]
-        n = (keys.shape[1] if keys.dim() == 3 else keys.shape[2]) - fusion.protected
+        n = keys.shape[-2] - fusion.protected  # tokens of a group: [G, n, C] or [G, H, n, d]
         if r > max_merge(n):
             r = self._cap(layer, r, n)
         if r == 0:
