@@ -12,9 +12,12 @@ matching itself never needs one). ``torch.compile``, ``torch.export`` and ``torc
 code, so their graphs hold only ATen operations; forward-mode AD, ``torch.func`` transforms and CUDA use the
 PyTorch code too.
 
-The source is compiled with PyTorch's C++ extension tools (a C++ compiler is needed; ninja comes with
-vtome) into ``$VTOME_CACHE`` (default ``~/.cache/vtome``), once per PyTorch version, Python version and
-source: about 10-30 s, the first time a model merges on the CPU. ``VTOME_KERNELS=0`` never builds nor uses
+The functions are a Python extension module (pybind11; a call costs less than a dispatched operator, and
+the GIL is released while one runs); their loops are compiled for AVX-512 and AVX2 beside the baseline and
+picked by the CPU at load time (element-wise arithmetic only, so every version gives the same bits). The
+source is compiled with PyTorch's C++ extension tools (a C++ compiler is needed; ninja comes with vtome) into
+``$VTOME_CACHE`` (default ``~/.cache/vtome``), once per PyTorch version, Python version and source: about
+15-30 s, the first time a model merges on the CPU. ``VTOME_KERNELS=0`` never builds nor uses
 them. Where they cannot be built, vtome warns once (:class:`KernelWarning`, with the reason) and uses the
 PyTorch code.
 """
@@ -149,7 +152,7 @@ def _build_lock(file: Path) -> Iterator[None]:
 
 
 def _load() -> Ops | None:
-    """The operators, building them on the first call of the process (thread-safe), or None."""
+    """The compiled functions, building them on the first call of the process (thread-safe), or None."""
     if _loaded:
         return _loaded[0]
     with _lock:
@@ -180,10 +183,10 @@ def _attempt() -> Ops | None:
 
 
 def ops(*tensors: torch.Tensor | None) -> Ops | None:
-    """The compiled operators if they apply to ``tensors`` (None entries ignored): plain CPU tensors none of
-    which needs an autograd graph (the operators record none), not while tracing for
+    """The compiled functions if they apply to ``tensors`` (None entries ignored): plain CPU tensors none of
+    which needs an autograd graph (the functions record none), not while tracing for
     ``torch.compile``/``torch.export``/``torch.jit`` (whose graphs keep to ATen operations), nor under
-    forward-mode AD or a ``torch.func`` transform (no rules for our operators); else None."""
+    forward-mode AD or a ``torch.func`` transform (no rules for our functions); else None."""
     # (runs at every merge step: the functions are looked up once, at import)
     grad = _grad_enabled()
     for t in tensors:

@@ -298,7 +298,7 @@ class Merger:
             keys = self.metric(keys)
             if not in_groups:
                 keys = self.layout.split(keys)[1]
-        n = keys.shape[-2] - fusion.protected  # tokens of a group: [G, n, C] or [G, H, n, d]
+        n = keys.size(-2) - fusion.protected  # tokens of a group: [G, n, C] or [G, H, n, d]
         if r > max_merge(n):
             r = self._cap(layer, r, n)
         if r == 0:
