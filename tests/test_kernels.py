@@ -162,6 +162,35 @@ def test_patched_models_give_the_same_outputs_with_and_without_kernels(family, s
     assert torch.equal(run.size, reference_run.size) and torch.equal(run.index, reference_run.index)
 
 
+@needs_kernels
+def test_duplicate_changed_in_place_takes_effect(monkeypatch):
+    model = vtome.patch(tiny("videomae"), r=6)
+    x = clip(model)
+    forward(model, x)
+    vtome.settings(model).duplicate[1] = 1  # not an assignment: the dict itself changes
+    logits, run = forward(model, x)
+    monkeypatch.setattr(kernels, "ops", lambda *tensors: None)
+    reference, reference_run = forward(model, x)
+    assert run.tokens_per_layer == reference_run.tokens_per_layer
+    assert torch.equal(logits, reference)
+
+
+@needs_kernels
+def test_autocast_keeps_to_the_pytorch_code(monkeypatch):
+    """Under CPU autocast the PyTorch code's products run in bf16; the kernels would not: they stand aside."""
+    metrics = [torch.randn(2, 97, 16, generator=torch.Generator().manual_seed(seed)) for seed in range(20)]
+
+    def matchings() -> list[torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return [bipartite_match(metric, 20, protected=1).dest for metric in metrics]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.ops(metrics[0]) is None
+    got = matchings()
+    monkeypatch.setattr(kernels, "ops", lambda *tensors: None)
+    assert all(torch.equal(a, b) for a, b in zip(got, matchings(), strict=True))
+
+
 NOT_PATCH_ARGUMENTS = ("num_layers", "position_merge", "flops")
 
 

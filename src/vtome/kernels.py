@@ -186,7 +186,8 @@ def ops(*tensors: torch.Tensor | None) -> Ops | None:
     """The compiled functions if they apply to ``tensors`` (None entries ignored): plain CPU tensors none of
     which needs an autograd graph (the functions record none), not while tracing for
     ``torch.compile``/``torch.export``/``torch.jit`` (whose graphs keep to ATen operations), nor under
-    forward-mode AD or a ``torch.func`` transform (no rules for our functions); else None."""
+    forward-mode AD or a ``torch.func`` transform (no rules for our functions), nor under CPU autocast (whose
+    casts only the PyTorch code gets); else None."""
     # (runs at every merge step: the functions are looked up once, at import)
     grad = _grad_enabled()
     for t in tensors:
@@ -194,7 +195,7 @@ def ops(*tensors: torch.Tensor | None) -> Ops | None:
             return None
     if _is_compiling() or _is_exporting() or _is_tracing():
         return None
-    if forward_ad._current_level >= 0 or _transforms() is not None:
+    if forward_ad._current_level >= 0 or _transforms() is not None or _autocast("cpu"):
         return None
     return _loaded[0] if _loaded else _load()
 
@@ -204,3 +205,4 @@ _grad_enabled = torch.is_grad_enabled
 _is_compiling, _is_exporting = torch.compiler.is_compiling, torch.compiler.is_exporting
 _is_tracing = torch._C._is_tracing
 _transforms = torch._C._functorch.peek_interpreter_stack
+_autocast = torch.is_autocast_enabled

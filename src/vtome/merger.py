@@ -105,14 +105,14 @@ class Track:
 class _Fusion:
     """What the compiled merge step (:meth:`Merger._fused`) takes from the settings and layout, derived once
     per settings: ``schedule`` is the settings' :meth:`~vtome.settings.MergeSettings.frozen_schedule` they came
-    from (a new one means a setting was assigned); ``layers``: per layer, whether its step is one matching per
-    group by similarity (not a random mode, no repeated steps, frames not aligned); ``joint``: a joint layout
+    from (a new one means a setting was assigned); ``single``: one matching per group by similarity (not a
+    random mode, frames not aligned; a layer with repeated steps takes the general step); ``joint``: a joint layout
     (its group is the sequence); ``heads``: keys the kernel sums over heads (mean aggregation; else 0, the
     metric is built first); ``protected``: protected tokens per group; ``args``: the step's arguments after
     ``r``."""
 
     schedule: tuple[int, ...]
-    layers: tuple[bool, ...]
+    single: bool
     joint: bool
     heads: int
     protected: int
@@ -205,7 +205,7 @@ class Merger:
                 fusion = self._fusion_cache
                 if fusion is None or fusion.schedule is not schedule:
                     fusion = self._fusion(schedule)
-                if fusion.layers[layer]:
+                if fusion.single and not self.settings.duplicate.get(layer):  # (read live: a dict can change in place)
                     return self._fused(compiled, fusion, layer, x, track, keys, grouped, r)
         metric = self.metric(keys)
         if not (grouped or self.layout.frames is None):  # a joint layout's group is the sequence
@@ -267,10 +267,9 @@ class Merger:
         ``schedule`` (kept until a setting is assigned)."""
         s, layout = self.settings, self.layout
         p = layout.group_protected
-        single = not s.mode.startswith("random") and s.divided != "aligned"  # one matching per group, by similarity
         self._fusion_cache = _Fusion(
             schedule,
-            layers=tuple(single and not s.duplicate.get(i) for i in range(len(schedule))),  # no repeated steps
+            single=not s.mode.startswith("random") and s.divided != "aligned",
             joint=layout.frames is None,
             heads=self.num_heads if s.head_aggregation == "mean" else 0,
             protected=p,

@@ -28,7 +28,8 @@
 // Hot loops are compiled for AVX-512 and AVX2 beside the baseline and picked by the CPU at load time (GCC/Clang
 // function multiversioning, Linux x86-64). They are element-wise IEEE operations and comparisons (no fused
 // multiply-adds, no reassociation), so every version gives the same bits.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 14 : defined(__GNUC__))
+// GCC with glibc only: Clang does not take target_clones on templates, and musl has no ifunc.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
 #define VTOME_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define VTOME_CLONES
@@ -456,8 +457,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Plain Python functions (a call costs a few microseconds less than a dispatched operator, which counts at
   // batch 1); the GIL is released while they run.
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
-  m.def("match", &match_cpu, release());
-  m.def("average", &average_cpu, release());
-  m.def("sum_heads", &sum_heads_cpu, release());
-  m.def("step", &step_cpu, release());
+  using pybind11::arg;
+  m.def("match", &match_cpu, release(), arg("metric"), arg("r"), arg("protected"), arg("head"), arg("sort_staying"),
+        arg("drop"), arg("hybrid"), arg("threshold"));
+  m.def("average", &average_cpu, release(), arg("x"), arg("size"), arg("rows"), arg("groups"), arg("tokens"));
+  m.def("sum_heads", &sum_heads_cpu, release(), arg("keys"), arg("heads"));
+  m.def("step", &step_cpu, release(), arg("keys"), arg("heads"), arg("x"), arg("size"), arg("index"), arg("r"),
+        arg("protected"), arg("head"), arg("sort_staying"), arg("drop"), arg("hybrid"), arg("threshold"), arg("frames"),
+        arg("set_aside"), arg("time_minor"));
 }
