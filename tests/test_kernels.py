@@ -107,6 +107,19 @@ def test_average_is_the_pytorch_average_to_the_bit(pytorch_only, dtype):
 
 
 @needs_kernels
+def test_average_signed_zeros_and_unreached_rows_to_the_bit(pytorch_only):
+    """A row's first token is written as 0 + product (-0.0 becomes 0.0, as a sum from zeros gives) and a row
+    no token reaches is 0 / 0 (NaN), as in the PyTorch code; compared bit for bit."""
+    x = torch.tensor([[[-0.0, 1.0], [2.0, -0.0], [-0.0, -0.0], [3.0, 4.0]]])
+    dest = torch.tensor([[0, 1, 1, -1]])  # row 2 gets nothing, token 3 is discarded
+    rows = group_index(dest, 3, True)
+    out, new_size = average_tokens(x, None, rows, 1, 3, True)
+    got, got_size = compiled.average(x, None, rows, 1, 3)
+    assert torch.equal(got.view(torch.int32), out.view(torch.int32)) and torch.equal(got_size, new_size)
+    assert got[0, 0, 0].item() == 0.0 and not torch.signbit(got[0, 0, 0]) and got[0, 2].isnan().all()
+
+
+@needs_kernels
 @pytest.mark.parametrize("heads", [1, 3, 4, 12])
 def test_sum_over_heads_adds_in_head_order(pytorch_only, heads):
     g = torch.Generator().manual_seed(heads)

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <tuple>
 #include <type_traits>
@@ -269,24 +270,33 @@ std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& metric, int64_t r
 
 // Columns [c0, c1) of the size-weighted average: each token of ``x`` [M, C] times its size (``size``, or 1) added
 // to its row of ``acc`` [out_rows, C] in token order (a row out of range: discarded), then each row times 1 / (its
-// size sum ``sums``) into ``out``.
+// size sum ``sums``) into ``out``. ``acc`` starts uninitialised: a row's ``first`` token writes 0 + product (as a
+// sum from zeros does: -0.0 becomes 0.0), and a row no token reaches (``first`` -1) counts as zeros.
 template <typename X, typename W>
 VTOME_CLONES void average_columns(const X* __restrict x, const float* __restrict size, const int64_t* __restrict rows,
-                                  const float* __restrict sums, int64_t m, int64_t c, int64_t out_rows, int64_t c0,
-                                  int64_t c1, W* acc, X* out) {
+                                  const int64_t* __restrict first, const float* __restrict sums, int64_t m, int64_t c,
+                                  int64_t out_rows, int64_t c0, int64_t c1, W* acc, X* out) {
   for (int64_t i = 0; i < m; ++i) {
     const int64_t row = rows[i];
     if (static_cast<uint64_t>(row) >= static_cast<uint64_t>(out_rows)) continue;  // discarded
     const W weight = size ? static_cast<W>(size[i]) : W(1);
     const X* __restrict xi = x + i * c;
     W* __restrict a = acc + row * c;
-    for (int64_t j = c0; j < c1; ++j) a[j] += static_cast<W>(static_cast<W>(xi[j]) * weight);
+    if (first[row] == i) {
+      for (int64_t j = c0; j < c1; ++j) a[j] = W(0) + static_cast<W>(static_cast<W>(xi[j]) * weight);
+    } else {
+      for (int64_t j = c0; j < c1; ++j) a[j] += static_cast<W>(static_cast<W>(xi[j]) * weight);
+    }
   }
   for (int64_t row = 0; row < out_rows; ++row) {
     const W inverse = W(1) / static_cast<W>(sums[row]);  // one division per token, as the PyTorch code
     const W* a = acc + row * c;
     X* o = out + row * c;
-    for (int64_t j = c0; j < c1; ++j) o[j] = static_cast<X>(a[j] * inverse);
+    if (first[row] < 0) {
+      for (int64_t j = c0; j < c1; ++j) o[j] = static_cast<X>(W(0) * inverse);
+    } else {
+      for (int64_t j = c0; j < c1; ++j) o[j] = static_cast<X>(a[j] * inverse);
+    }
   }
 }
 
@@ -301,15 +311,21 @@ void average_into(const at::Tensor& x, int64_t m, int64_t c, const at::Tensor& s
   const X* xp = x.data_ptr<X>();
   const float* sp = size.defined() ? size.data_ptr<float>() : nullptr;
   float* np = new_size.data_ptr<float>();
+  std::vector<int64_t> first(out_rows, -1);  // the first token of each row
   for (int64_t i = 0; i < m; ++i) {
-    if (static_cast<uint64_t>(rows[i]) < static_cast<uint64_t>(out_rows)) np[rows[i]] += sp ? sp[i] : 1.0f;
+    const int64_t row = rows[i];
+    if (static_cast<uint64_t>(row) >= static_cast<uint64_t>(out_rows)) continue;
+    np[row] += sp ? sp[i] : 1.0f;
+    if (first[row] < 0) first[row] = i;
   }
   // Accumulate in W: straight into the output when it is W, else in a buffer converted at the end.
-  std::vector<W> buffer(std::is_same_v<X, W> ? 0 : out_rows * c, W(0));
-  W* acc = std::is_same_v<X, W> ? reinterpret_cast<W*>(out.data_ptr<X>()) : buffer.data();
-  if (std::is_same_v<X, W>) std::fill(acc, acc + out_rows * c, W(0));
+  std::unique_ptr<W[]> buffer(std::is_same_v<X, W> ? nullptr : new W[out_rows * c]);
+  W* acc = std::is_same_v<X, W> ? reinterpret_cast<W*>(out.data_ptr<X>()) : buffer.get();
   X* op = out.data_ptr<X>();
-  for_range(c, m, [&](int64_t c0, int64_t c1) { average_columns(xp, sp, rows, np, m, c, out_rows, c0, c1, acc, op); });
+  const int64_t* fp = first.data();
+  for_range(c, m, [&](int64_t c0, int64_t c1) {
+    average_columns(xp, sp, rows, fp, np, m, c, out_rows, c0, c1, acc, op);
+  });
 }
 
 // average_cpu on raw row indices (one per token).
