@@ -54,6 +54,10 @@ HEAD_AGGREGATIONS: tuple[str, ...] = ("mean", "concat")
 ORDERS: tuple[str, ...] = ("paper", "spatial")
 
 
+# Key dtypes whose mean over heads is taken as their sum in head order (the compiled step sums these too).
+SUMMED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+
+
 def aggregate_heads(keys: Tensor, num_heads: int, how: str = "mean", scaled: bool = True) -> Tensor:
     """Turn keys into a matching metric: projected ``[G, N, H*d]`` or per head ``[G, H, N, d]`` ->
     ``[G, N, d]`` (``mean`` over heads) or ``[G, N, H*d]`` (``concat``). ``scaled=False`` allows the sum
@@ -61,7 +65,7 @@ def aggregate_heads(keys: Tensor, num_heads: int, how: str = "mean", scaled: boo
     head order; half-precision keys always get the mean."""
     if how == "concat":
         return keys.transpose(1, 2).flatten(2) if keys.dim() == 4 else keys
-    summed = not scaled and keys.dtype in (torch.float32, torch.float64)
+    summed = not scaled and keys.dtype in SUMMED_DTYPES
     compiled = kernels.ops(keys) if summed else None
     if compiled is not None:
         return compiled.sum_heads(keys, num_heads)

@@ -34,6 +34,7 @@ from vtome import kernels
 from vtome.flops import stack_flops
 from vtome.layout import Layout
 from vtome.merge import (
+    SUMMED_DTYPES,
     aggregate_heads,
     attention_bias,
     average_tokens,
@@ -47,7 +48,6 @@ from vtome.settings import MergeSettings
 # Profiler range around all matching and merging work (shows the merge steps in a user's profiler trace).
 PROFILE_RANGE = "vtome.merge"
 _profiler = torch.autograd.profiler
-_SUMMED = (torch.float32, torch.float64)  # key dtypes aggregate_heads sums in head order (and the kernel too)
 
 
 class CapWarning(UserWarning):
@@ -134,10 +134,6 @@ class Merger:
         self.run = RunInfo()
         self._warned: set[int] = set()  # layers already warned about capping (warn once each)
 
-    def r_at(self, layer: int) -> int:
-        """Requested (uncapped) ``r`` for ``layer``."""
-        return self.settings.r_at(layer)
-
     def merges(self) -> bool:
         """Whether any layer will merge."""
         return any(self.settings.schedule())
@@ -185,7 +181,7 @@ class Merger:
         """
         # (this runs at every layer of every forward: at batch 1 on a small model, each lookup counts)
         schedule = self.settings.frozen_schedule()
-        r = schedule[layer] if layer < len(schedule) else 0
+        r = schedule[layer] if layer < len(schedule) else 0  # MergeSettings.r_at, on the schedule in hand
         if r <= 0 or keys is None:
             return x, track
         if _profiler._is_profiler_enabled:  # a range in the user's trace (it costs a dispatch)
@@ -292,7 +288,7 @@ class Merger:
         itself (in head order, as :func:`vtome.merge.aggregate_heads` does) when they are float32/64 in group
         layout and heads are averaged; else it takes the metric ``[G, n, d]``."""
         in_groups = grouped or fusion.joint
-        heads = fusion.heads if in_groups and keys.dtype in _SUMMED else 0
+        heads = fusion.heads if in_groups and keys.dtype in SUMMED_DTYPES else 0
         if not heads:
             keys = self.metric(keys)
             if not in_groups:

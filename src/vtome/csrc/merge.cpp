@@ -26,10 +26,10 @@
 #include <type_traits>
 #include <vector>
 
-// Hot loops are compiled for AVX-512 and AVX2 beside the baseline and picked by the CPU at load time (GCC/Clang
-// function multiversioning, Linux x86-64). They are element-wise IEEE operations and comparisons (no fused
+// Hot loops are compiled for AVX-512 and AVX2 beside the baseline and picked by the CPU at load time (function
+// multiversioning: GCC with glibc on Linux x86-64 only, as Clang does not take target_clones on templates and musl
+// has no ifunc; elsewhere the baseline alone). They are element-wise IEEE operations and comparisons (no fused
 // multiply-adds, no reassociation), so every version gives the same bits.
-// GCC with glibc only: Clang does not take target_clones on templates, and musl has no ifunc.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
 #define VTOME_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
