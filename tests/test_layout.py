@@ -12,7 +12,7 @@ import vtome
 ROOT = Path(vtome.__file__).parent
 # Lowest first. A module may import its own floor and the floors below.
 FLOORS = [
-    ("algorithm", ["vtome.merge", "vtome.flops", "vtome.kernels"]),
+    ("algorithm", ["vtome.merge", "vtome.flops"]),
     ("merge state", ["vtome.settings", "vtome.layout", "vtome.merger"]),
     ("adapters", ["vtome.adapters", "vtome.architectures"]),
     ("api", ["vtome.patch", "vtome"]),

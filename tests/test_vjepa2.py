@@ -16,9 +16,9 @@ from transformers.models.vjepa2 import modeling_vjepa2 as hf
 import vtome
 from vtome.adapters import adapter_for
 from vtome.adapters.inputs import clip_kwargs, clip_shape, input_name
-from vtome.flops import pooler_flops, stack_flops
+from vtome.flops import FlopModel, pooler_flops, stack_flops
 from vtome.merger import CapWarning
-from vtome.patch import attention_kind
+from vtome.patch import flop_model
 
 FRAMES, SIZE, GRID = 8, 64, 4  # 4 x 4 patches per tubelet of 2 frames: 4 x 16 = 64 tokens
 N0 = FRAMES // 2 * GRID * GRID
@@ -314,9 +314,9 @@ def test_flop_ratio_counts_the_attentive_pooler():
     pooled = encoder + pooler_flops(counts[-1], c, 1)
     full = stack_flops(N0, [N0] * 3, c) + pooler_flops(N0, c, 1)
     assert run.flop_ratio == pytest.approx(full / pooled)
-    assert stack_flops(N0, counts, c, attention="joint+pooler1") == pytest.approx(pooled)
-    assert attention_kind(model) == "joint+pooler1"
-    assert attention_kind(vtome.patch(tiny("base"), r=R)) == "joint"
+    assert stack_flops(N0, counts, c, attention="joint", pooler=1) == pytest.approx(pooled)
+    assert flop_model(model) == FlopModel("joint", c, None, pooler=1)
+    assert flop_model(vtome.patch(tiny("base"), r=R)) == FlopModel("joint", c)
     budget = vtome.patch(tiny(), flops=0.5)
     logits(budget, clip())
     assert 1.9 <= vtome.last_run(budget).flop_ratio and vtome.settings(budget).flops == 0.5

@@ -11,8 +11,8 @@ size ``C`` (one multiply-add = 2 FLOPs):
 - trajectory attention (Motionformer, ``n = 1 + S`` with ``S = F x P``): q, k, v and output projections
   ``8nC^2``, class token ``4nC``, per-frame spatial step ``4S^2C``, query projection ``2SC^2``, key/value
   projection of the ``S x F`` trajectory points ``4SFC^2``, temporal step ``4SFC``; MLP ``16mC^2``.
-- an attentive pooler after the last layer (V-JEPA 2's classifier; ``attention="joint+pooler3"`` for 3
-  self-attention layers), on the ``m`` tokens leaving the last layer: each self-attention layer costs a joint
+- an attentive pooler after the last layer (V-JEPA 2's classifier; ``pooler=3`` for 3 self-attention
+  layers), on the ``m`` tokens leaving the last layer: each self-attention layer costs a joint
   layer on ``m`` tokens (``24mC^2 + 4m^2C``); then one query cross-attends: its query projection ``2C^2``,
   key and value projections ``4mC^2``, attention ``4mC``, MLP on the query ``16C^2``.
 
@@ -20,6 +20,10 @@ V-JEPA 2's rotary position embedding is elementwise work, like softmax and the l
 
 Embedding, head, layer norms, softmax and the matching itself are left out: they are small, and the
 ratio of two such counts is the speedup a perfect implementation would get.
+
+This module owns the FLOP arithmetic: :class:`FlopModel` (a model's FLOP model, as a value) is the one place
+that computes FLOP ratios; :func:`simulate_tokens` predicts token counts; :func:`resolve_budget` turns a
+budget into ``r``.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+ATTENTIONS: tuple[str, ...] = ("joint", "divided", "trajectory")
+
 
 def layer_flops(n: int, m: int, hidden: int, frames: int | None = None, attention: str | None = None) -> float:
     """FLOPs of one layer: ``n`` tokens in, ``m`` out. ``attention`` is ``joint`` (default), ``divided``
     (the default when ``frames`` is given) or ``trajectory``; ``frames`` is the token grid's frame count."""
     c = hidden
-    attention = _split_kind(attention or ("joint" if frames is None else "divided"))[0]
+    attention = attention or ("joint" if frames is None else "divided")
     if attention == "joint":
         cost = 8 * n * c * c + 4 * n * n * c
     elif attention == "divided":
@@ -57,47 +63,69 @@ def pooler_flops(m: int, hidden: int, self_layers: int) -> float:
     return float(self_layers * (24 * m * c * c + 4 * m * m * c) + 2 * c * c + 4 * m * c * c + 4 * m * c + 16 * c * c)
 
 
-def _split_kind(attention: str) -> tuple[str, int | None]:
-    """``"joint+pooler3"`` -> ``("joint", 3)``; a kind without a pooler -> ``(kind, None)``."""
-    kind, sep, pooler = attention.partition("+pooler")
-    if sep and not pooler.isdigit():
-        raise ValueError(f"attention must be a kind, optionally followed by +poolerN; got {attention!r}")
-    return kind, int(pooler) if sep else None
-
-
 def stack_flops(
-    input_tokens: int, tokens_per_layer: list[int], hidden: int, frames: int | None = None, attention: str | None = None
+    input_tokens: int,
+    tokens_per_layer: list[int],
+    hidden: int,
+    frames: int | None = None,
+    attention: str | None = None,
+    pooler: int | None = None,
 ) -> float:
-    """FLOPs of all layers for one clip, from the tokens entering the first layer and leaving each layer
-    (and of the attentive pooler after them, for an ``attention`` kind ``...+poolerN``)."""
+    """FLOPs of all layers for one clip, from the tokens entering the first layer and leaving each layer,
+    plus an attentive pooler with ``pooler`` self-attention layers after them (None: no pooler)."""
     total, n = 0.0, input_tokens
     for m in tokens_per_layer:
         total += layer_flops(n, m, hidden, frames, attention)
         n = m
-    pooler = _split_kind(attention)[1] if attention else None
     return total if pooler is None else total + pooler_flops(n, hidden, pooler)
 
 
+@dataclass(frozen=True)
+class FlopModel:
+    """The FLOP model of one network, as a value: its ``attention`` (``joint``, ``divided`` or ``trajectory``),
+    ``hidden`` size, ``frames`` of its token grid (divided and trajectory attention) and the self-attention
+    layers of an attentive ``pooler`` after the last layer (None: none)."""
+
+    attention: str
+    hidden: int
+    frames: int | None = None
+    pooler: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}; got {self.attention!r}")
+
+    def total(self, input_tokens: int, tokens_per_layer: list[int]) -> float:
+        """FLOPs of one clip: ``input_tokens`` entering the first layer, ``tokens_per_layer`` leaving each."""
+        return stack_flops(input_tokens, tokens_per_layer, self.hidden, self.frames, self.attention, self.pooler)
+
+    def ratio(self, input_tokens: int, tokens_per_layer: list[int]) -> float:
+        """Unpatched / patched FLOPs (the speedup bound) of a forward with these token counts."""
+        full = self.total(input_tokens, [input_tokens] * len(tokens_per_layer))
+        return full / self.total(input_tokens, tokens_per_layer)
+
+
 def simulate_tokens(
-    input_tokens: int, schedule: list[int], protected: int = 0, frames: int | None = None, duplicate: dict | None = None
+    input_tokens: int,
+    schedule: list[int],
+    protected: int = 0,
+    frames: int | None = None,
+    duplicate: dict | None = None,
+    capped: list[tuple[int, int, int]] | None = None,
 ) -> list[int]:
     """Tokens leaving each layer for a per-layer ``schedule`` of ``r``, without running the model: each step
     removes ``min(r, half the mergeable tokens)`` of a clip (joint) or of each of ``frames`` frames (divided,
-    with ``protected`` tokens set aside), repeated ``1 + duplicate[layer]`` times."""
+    with ``protected`` tokens set aside), repeated ``1 + duplicate[layer]`` times. Layers whose first step
+    asks for more than half are appended to ``capped`` as ``(layer, r, mergeable tokens)``."""
     duplicate = duplicate or {}
     counts = []
-    if frames is None:
-        n = input_tokens
-        for layer, r in enumerate(schedule):
-            for _ in range(1 + duplicate.get(layer, 0) if r > 0 else 0):
-                n -= min(r, (n - protected) // 2)
-            counts.append(n)
-        return counts
-    slots = (input_tokens - protected) // frames
+    mergeable = input_tokens - protected if frames is None else (input_tokens - protected) // frames
     for layer, r in enumerate(schedule):
-        for _ in range(1 + duplicate.get(layer, 0) if r > 0 else 0):
-            slots -= min(r, slots // 2)
-        counts.append(protected + slots * frames)
+        for step in range(1 + duplicate.get(layer, 0) if r > 0 else 0):
+            if step == 0 and capped is not None and r > mergeable // 2:
+                capped.append((layer, r, mergeable))
+            mergeable -= min(r, mergeable // 2)
+        counts.append(protected + (mergeable if frames is None else mergeable * frames))
     return counts
 
 

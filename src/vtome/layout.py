@@ -1,4 +1,8 @@
-"""Token layouts: where the mergeable groups sit in a model's token sequence."""
+"""Token layouts: where the mergeable groups sit in a model's token sequence.
+
+Owns: :class:`Layout`, the arithmetic between a model's token order ``[B, N, D]`` and the groups a merge step
+matches in (a clip for joint attention, a frame for divided attention).
+"""
 
 from __future__ import annotations
 
@@ -93,3 +97,13 @@ class Layout:
         if self.protected:
             row = torch.cat((clip + torch.arange(self.protected, device=dest.device), row), dim=1)
         return row.reshape(-1), out_tokens
+
+    def global_index(self, index: Tensor | None, tokens: int) -> Tensor | None:
+        """An index map (see :class:`vtome.merger.Track`) as positions in the current sequence of ``tokens``
+        tokens: ``[B, N0]``, -1 where dropped (joint layouts: already so; None stays None)."""
+        if index is None or self.frames is None:
+            return index
+        p = self.protected
+        position = self.frame_positions(index, (tokens - p) // self.frames, missing=-1)
+        head = torch.arange(p, device=index.device).expand(position.shape[0], p)
+        return torch.cat([head, position], dim=1)

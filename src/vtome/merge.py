@@ -34,8 +34,8 @@ alternation A/B starts after them, and staying A tokens always keep their origin
 different pairs from the published method after the first merge (the next layer splits by position
 again), but keeps tokens in a stable spatial order.
 
-This module is the reference. On CPU tensors :mod:`vtome.kernels` runs the same steps compiled, with the same
-results to the bit.
+This module owns the algorithm and nothing else: it imports only torch and the standard library, knows no
+model, and keeps no state. Under ``torch.compile`` it traces to one graph with no host synchronisation.
 """
 
 from __future__ import annotations
@@ -47,36 +47,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtome import kernels
-
 MODES: tuple[str, ...] = ("merge", "drop", "random_merge", "random_drop", "hybrid")
 HEAD_AGGREGATIONS: tuple[str, ...] = ("mean", "concat")
 ORDERS: tuple[str, ...] = ("paper", "spatial")
 
 
-# Key dtypes whose mean over heads is taken as their sum in head order (the compiled step sums these too).
-SUMMED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
-
-
-def aggregate_heads(keys: Tensor, num_heads: int, how: str = "mean", scaled: bool = True) -> Tensor:
-    """Turn keys into a matching metric: projected ``[G, N, H*d]`` or per head ``[G, H, N, d]`` ->
-    ``[G, N, d]`` (``mean`` over heads) or ``[G, N, H*d]`` (``concat``). ``scaled=False`` allows the sum
-    instead of the mean for float32/64 keys (the same direction up to rounding, for cosine matching), added in
-    head order; half-precision keys always get the mean."""
-    if how == "concat":
-        return keys.transpose(1, 2).flatten(2) if keys.dim() == 4 else keys
-    summed = not scaled and keys.dtype in SUMMED_DTYPES
-    compiled = kernels.ops(keys) if summed else None
-    if compiled is not None:
-        return compiled.sum_heads(keys, num_heads)
+def key_metric(keys: Tensor, num_heads: int, how: str = "mean") -> Tensor:
+    """The matching metric from attention keys: projected ``[G, N, H*d]`` or per head ``[G, H, N, d]`` ->
+    ``[G, N, d]`` (``mean`` over heads) or ``[G, N, H*d]`` (``concat``, heads side by side)."""
+    if how not in HEAD_AGGREGATIONS:
+        raise ValueError(f"head_aggregation must be one of {', '.join(HEAD_AGGREGATIONS)}; got {how!r}")
     if keys.dim() == 3:
+        if how == "concat":
+            return keys
         g, n, c = keys.shape
-        keys = keys.reshape(g, n, num_heads, c // num_heads).transpose(1, 2)
-    if not summed:
-        return keys.mean(1)
-    if keys.device.type == "cpu":  # in head order, as the kernel adds them: both CPU paths agree to the bit
-        return functools.reduce(torch.add, keys.unbind(1))
-    return keys.sum(1)
+        keys = keys.view(g, n, num_heads, c // num_heads).transpose(1, 2)
+    return keys.mean(1) if how == "mean" else keys.transpose(1, 2).flatten(2)
 
 
 def max_merge(num_tokens: int) -> int:
@@ -187,12 +173,9 @@ def average_tokens(
     """Size-weighted merge of ``x`` ``[..., C]`` with sizes ``[..., 1]`` (float32; None: all ones) into
     ``[groups, tokens, C]`` by ``index`` (as in :func:`sum_tokens`).
 
-    Returns the merged features, each output token ``sum(x * size) * (1 / sum(size))`` over the tokens going
+    Returns the merged features, each output token ``sum(x * size) / sum(size)`` over the tokens going
     to it (accumulated in at least float32, returned in ``x``'s dtype), and the merged sizes ``[groups, tokens, 1]``.
     """
-    compiled = None if size is not None and size.dtype != torch.float32 else kernels.ops(x, size)
-    if compiled is not None:  # the same sums in the same order, in one compiled call
-        return compiled.average(x, size, index, groups, tokens)
     if size is None:
         size = torch.ones(*x.shape[:-1], 1, device=x.device, dtype=torch.float32)
         weighted = x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -200,7 +183,7 @@ def average_tokens(
         weighted = x * size  # promoted to at least the sizes' float32
     new_size = sum_tokens(size, index, groups, tokens, spare)
     out = sum_tokens(weighted, index, groups, tokens, spare)
-    out = out.mul_(new_size.to(out.dtype).reciprocal())  # one division per token (the kernel's arithmetic)
+    out = out / new_size.to(out.dtype)
     return (out if out.dtype == x.dtype else out.to(x.dtype)), new_size
 
 
@@ -270,10 +253,6 @@ def bipartite_match(
     device = metric.device
     if metric.requires_grad:  # indices only: no autograd graph
         metric = metric.detach()
-    compiled = None if mode.startswith("random") else kernels.ops(metric)
-    if compiled is not None:  # the same matching as below, in one compiled call
-        ranked, dest = compiled.match(metric, r, p, head, sort_staying, drops, hybrid, threshold)
-        return Merge(head, r, ranked, sort_staying, dest, discards=drops or hybrid)
     if mode.startswith("random"):
         scores = torch.rand(g, n_a, device=device, generator=generator)
         partner = torch.randint(n_b - pb, (g, n_a), device=device, generator=generator) + pb

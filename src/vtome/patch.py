@@ -1,4 +1,8 @@
-"""The public entry points: patch a model in place, read what it did, change settings, unpatch."""
+"""The public entry points: patch a model in place, read what it did, change settings, unpatch.
+
+Owns: the public API. The settings live in :mod:`vtome.settings`, the merge step in :mod:`vtome.merger`,
+the families in :mod:`vtome.adapters`, the FLOP arithmetic in :mod:`vtome.flops`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ from dataclasses import replace
 import torch.nn as nn
 from torch import Tensor
 
-from vtome.adapters import adapter_for, check_attention_backend, restore
-from vtome.flops import resolve_budget, simulate_tokens, stack_flops
+from vtome.adapters import Adapter, adapter_for, check_attention_backend, is_root, merger_of, patch_modules, restore
+from vtome.flops import FlopModel, resolve_budget, simulate_tokens
 from vtome.layout import Layout
 from vtome.merge import unmerge_tokens
 from vtome.merger import Merger, RunInfo
@@ -31,19 +35,22 @@ def patch(
     layers: list[int] | None = None,
     order: str = "paper",
     divided: str | None = None,
+    position_merge: str = "mean",
     flops: float | None = None,
     inflection: float | None = None,
 ) -> nn.Module:
     """Patch ``model`` in place for token merging and return it.
 
     Args:
-        model: a Hugging Face VideoMAE, ViViT or TimeSformer model (base or video classification).
-        r: tokens removed per layer (per clip for joint space-time models, per frame for TimeSformer):
-            an int, an ``(r, inflection)`` schedule with inflection in [-1, 1], or one int per layer.
-            Each layer removes at most half of its mergeable tokens (a warning says when it is capped).
+        model: a Hugging Face VideoMAE, ViViT, TimeSformer or V-JEPA 2 model (base or video classification), a
+            Motionformer (:mod:`vtome.architectures.motionformer`), or a subclass of one of these.
+        r: tokens removed per layer (per clip for joint space-time models, per frame for TimeSformer and
+            Motionformer): an int, an ``(r, inflection)`` schedule with inflection a float in [-1, 1], or a
+            list of one int per layer. Each layer removes at most half of its mergeable tokens (a warning says
+            when it is capped).
         mode: ``merge``, ``drop``, ``random_merge``, ``random_drop`` or ``hybrid``.
         prop_attn: add ``log(size)`` to attention logits; ``None`` takes the family's default (off for
-            VideoMAE, as in the paper's configurations; on for ViViT and TimeSformer, as in ToMe).
+            VideoMAE, as in the paper's configurations; on for the others, as in ToMe).
         head_aggregation: matching metric from the keys: ``mean`` over heads or heads ``concat``.
         threshold: for ``hybrid``, the cosine similarity from which a pair merges instead of dropping
             (the paper used 0.4 for ViViT and 0.8 for VideoMAE).
@@ -59,6 +66,8 @@ def patch(
         divided: divided space-time models only: ``per_frame`` (default; each frame picks its own pairs, as
             published) or ``aligned`` (one matching per clip from the keys averaged over its frames, so every
             frame merges the same slots). ``ValueError`` on joint space-time models.
+        position_merge: models with rotary positions (V-JEPA 2): a merged token sits at the size-weighted
+            ``mean`` position of its patches, or at its ``destination`` token's position.
         flops: instead of ``r``, a budget: the fraction of the unpatched transformer FLOPs to keep (e.g. 0.5).
             It is resolved from the FLOP model (:mod:`vtome.flops`) to the smallest ``r`` that meets it, with
             ``start_layer``, ``layers`` and ``duplicate`` taken into account; ``settings(model).r`` shows the
@@ -67,7 +76,7 @@ def patch(
         inflection: with ``flops``, resolve an ``(r, inflection)`` schedule instead of a constant ``r``.
 
     Patching a patched model starts again from these settings. To change one setting in place, assign
-    it on :func:`settings` (``vtome.settings(model).r = 100``).
+    it on :func:`settings` (``vtome.settings(model).r = 100``); it takes effect at the next forward.
     """
     adapter = adapter_for(model)
     layout = adapter.layout(model)
@@ -84,7 +93,7 @@ def patch(
         num_layers=len(adapter.layers(model)),
         r=r,
         mode=mode,
-        prop_attn=adapter.DEFAULT_PROP_ATTN if prop_attn is None else prop_attn,
+        prop_attn=adapter.prop_attn if prop_attn is None else prop_attn,
         head_aggregation=head_aggregation,
         threshold=threshold,
         start_layer=start_layer,
@@ -94,73 +103,61 @@ def patch(
         layers=layers,
         order=order,
         divided=(divided or "per_frame") if layout.frames is not None else None,
-        flops=None if flops is None else _check_budget(flops),
+        position_merge=position_merge,
+        flops=flops,
     )
     if flops is not None:
-        settings.r = resolve_budget(_fraction_for(model, adapter, settings), flops, inflection).r
+        resolved = resolve_budget(_fraction_for(model, adapter, settings), settings.flops, inflection)
+        settings = replace(settings, r=resolved.r)
     if settings.prop_attn:
         check_attention_backend(model.config)
     unpatch(model)
-    merger = Merger(settings, layout, model.config.num_attention_heads, _kind(adapter, model), model.config.hidden_size)
-    adapter.apply(model, merger)
-    model._vtome = merger
+    merger = Merger(settings, layout, model.config.num_attention_heads, adapter.flop_model(model))
+    patch_modules(model, adapter, merger)
     return model
 
 
-def _check_budget(flops: object) -> float:
-    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0.0 < flops <= 1.0:
-        raise ValueError(
-            f"flops is the fraction of the unpatched FLOPs to keep, a number in (0, 1] (0.5: half); got {flops!r}"
-        )
-    return float(flops)
-
-
-def _fraction_for(model: nn.Module, adapter: object, settings: MergeSettings) -> Callable[[RSetting], float]:
-    """FLOP fraction (merged / unmerged, from the FLOP model) of ``model`` as a function of the ``r`` setting."""
-    layout = adapter.layout(model)
-    n0, hidden = adapter.token_positions(model)[0].shape[0], model.config.hidden_size
-    kind = _kind(adapter, model)
-    full = stack_flops(n0, [n0] * settings.num_layers, hidden, layout.frames, kind)
+def _fraction_for(model: nn.Module, adapter: Adapter, settings: MergeSettings) -> Callable[[RSetting], float]:
+    """FLOP fraction (patched / unpatched, from the FLOP model) of ``model`` as a function of the ``r`` setting."""
+    layout, flop_model = adapter.layout(model), adapter.flop_model(model)
+    n0 = adapter.token_positions(model)[0].shape[0]
 
     def fraction(r: RSetting) -> float:
         schedule = replace(settings, r=r).schedule()
         counts = simulate_tokens(n0, schedule, layout.protected, layout.frames, settings.duplicate)
-        return stack_flops(n0, counts, hidden, layout.frames, kind) / full
+        return 1.0 / flop_model.ratio(n0, counts)
 
     return fraction
 
 
-def _kind(adapter: object, model: nn.Module) -> str:
-    """The FLOP model of ``model``: the adapter's ``attention_kind(model)`` where it has one (a pooler), else
-    its ``ATTENTION``."""
-    return adapter.attention_kind(model) if hasattr(adapter, "attention_kind") else adapter.ATTENTION
-
-
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore ``model``'s original classes (no-op if it is not patched)."""
+    """Restore ``model``'s own classes (no-op if it is not patched). ``ValueError`` for a submodule of a patched
+    model: unpatch the model that was patched."""
+    if merger_of(model) is not None and not is_root(model):
+        raise ValueError(
+            f"this {type(model).__name__} is part of a patched model; call vtome.unpatch on the model you patched "
+            "(the one passed to vtome.patch)"
+        )
     for module in model.modules():
         restore(module)
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    return isinstance(model.__dict__.get("_vtome"), Merger)
-
-
-def _state(model: nn.Module) -> Merger:
-    if not is_patched(model):
-        raise ValueError(f"this {type(model).__name__} is not patched; call vtome.patch(model, r=...) first")
-    return model._vtome
+    """Whether ``model`` was patched by :func:`patch` (and not unpatched since)."""
+    return is_root(model)
 
 
 def merger(model: nn.Module) -> Merger:
-    """The merge step of a patched ``model`` (settings, layout, last run); tools instrument it."""
-    return _state(model)
+    """The merge state of a patched ``model`` (settings, layout, FLOP model, last run); tools instrument it."""
+    if not is_patched(model):
+        raise ValueError(f"this {type(model).__name__} is not patched; call vtome.patch(model, r=...) first")
+    return merger_of(model)
 
 
 def last_run(model: nn.Module) -> RunInfo:
-    """What the last forward of a patched ``model`` did: ``tokens_per_layer``, ``size``, ``source``."""
-    return _state(model).run
+    """What the last forward of a patched ``model`` did: ``tokens_per_layer``, ``size``, ``index``, ``flop_ratio``."""
+    return merger(model).run
 
 
 def unmerge(model: nn.Module, tokens: Tensor) -> Tensor:
@@ -168,6 +165,11 @@ def unmerge(model: nn.Module, tokens: Tensor) -> Tensor:
     hidden state, or features computed from it) back to the input token grid ``[B, N0, C]``: each input
     position gets the token that covers it, a dropped position (``drop`` modes) gets zeros."""
     run = last_run(model)
+    if not isinstance(tokens, Tensor):
+        raise TypeError(
+            f"unmerge expects tokens as a torch.Tensor [batch, tokens, channels]; got {type(tokens).__name__} "
+            "(convert it with torch.as_tensor first)"
+        )
     if tokens.dim() != 3:
         raise ValueError(f"unmerge expects tokens [batch, tokens, channels]; got shape {tuple(tokens.shape)}")
     n_out = run.tokens_per_layer[-1] if run.tokens_per_layer else None
@@ -183,24 +185,23 @@ def unmerge(model: nn.Module, tokens: Tensor) -> Tensor:
 
 
 def settings(model: nn.Module) -> MergeSettings:
-    """The live settings of a patched ``model``; assigning an attribute takes effect at the next forward."""
-    return _state(model).settings
+    """The live settings of a patched ``model``; assigning an attribute validates it and takes effect at the
+    next forward (values are immutable: assign a new one to change a list or mapping)."""
+    return merger(model).settings
 
 
 def layout(model: nn.Module) -> Layout:
     """Where a patched ``model``'s mergeable tokens sit (``frames`` is set for divided space-time models)."""
-    return _state(model).layout
+    return merger(model).layout
 
 
-def attention_kind(model: nn.Module) -> str:
-    """``joint``, ``divided`` or ``trajectory``: the attention of a patched ``model`` (for FLOP counts)."""
-    return _state(model).attention
+def flop_model(model: nn.Module) -> FlopModel:
+    """The FLOP model of a patched ``model`` (attention kind, hidden size, frames, attentive pooler)."""
+    return merger(model).flop_model
 
 
 def last_run_flops(model: nn.Module) -> tuple[float, float]:
     """``(unmerged, merged)`` FLOPs per clip of a patched ``model``'s last forward (ratio = speedup bound)."""
-    run = last_run(model)
-    frames, hidden, kind = layout(model).frames, model.config.hidden_size, attention_kind(model)
+    run, flops = last_run(model), flop_model(model)
     n0 = run.input_tokens
-    unmerged = stack_flops(n0, [n0] * len(run.tokens_per_layer), hidden, frames, kind)
-    return unmerged, stack_flops(n0, run.tokens_per_layer, hidden, frames, kind)
+    return flops.total(n0, [n0] * len(run.tokens_per_layer)), flops.total(n0, run.tokens_per_layer)

@@ -1,46 +1,145 @@
-"""Merge settings: what a patched model does, validated on every assignment."""
+"""Merge settings as values, and the per-layer plan derived from them.
+
+Owns: :class:`MergeSettings` (what a patched model does: every field validated on assignment and stored as
+an immutable value, so an in-place edit is impossible) and :class:`Plan` (what each layer's merge step does,
+rebuilt from the settings at every assignment, so it can never disagree with what the settings show).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from vtome.merge import HEAD_AGGREGATIONS, MODES, ORDERS, parse_schedule
 
-RSetting = int | tuple[int, float] | list[int]
 DIVIDED: tuple[str, ...] = ("per_frame", "aligned")
+POSITION_MERGES: tuple[str, ...] = ("mean", "destination")
 
 
-def _check_r(r: object, num_layers: int) -> RSetting:
-    def is_int(v: object) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
+class Inflection(NamedTuple):
+    """An ``r`` schedule rising (or falling) linearly over the layers and averaging ``r`` (see
+    :func:`vtome.merge.parse_schedule`); ``inflection`` in [-1, 1] (0: constant)."""
 
+    r: int
+    inflection: float
+
+
+RSetting = int | tuple[int, float] | tuple[int, ...] | list[int]
+
+
+class FrozenDict(dict):
+    """A read-only ``dict`` (``duplicate``): reads, equality, JSON and ``dataclasses.asdict`` as a dict;
+    every in-place change raises ``TypeError``. Pickles and copies as a new one."""
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError(
+            "merge settings are values and cannot be changed in place; assign a new one instead, e.g. "
+            "vtome.settings(model).duplicate = {1: 2}"
+        )
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self) -> tuple:
+        return (FrozenDict, (dict(self),))
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_r(r: object, num_layers: int) -> int | Inflection | tuple[int, ...]:
     allowed = (
-        "r must be an int >= 0 (tokens removed per layer), an (r, inflection) tuple with inflection in "
+        "r must be an int >= 0 (tokens removed per layer), an (r, inflection) tuple with inflection a float in "
         f"[-1, 1], or a list of {num_layers} ints >= 0 (one per layer)"
     )
-    if is_int(r):
+    if _is_int(r):
         if r < 0:
             raise ValueError(f"{allowed}; got r={r}")
         return r
-    if isinstance(r, tuple):
-        if len(r) != 2 or not is_int(r[0]) or r[0] < 0 or not isinstance(r[1], (int, float)):
+    if isinstance(r, (list, tuple)):
+        per_layer = isinstance(r, list) or (
+            not isinstance(r, Inflection)
+            and len(r) == num_layers
+            and not (len(r) == 2 and isinstance(r[1], float))
+            and all(_is_int(v) for v in r)
+        )
+        if per_layer:
+            if len(r) != num_layers or not all(_is_int(v) and v >= 0 for v in r):
+                raise ValueError(f"{allowed}; got a list of {len(r)} values: {list(r)!r}")
+            return tuple(r)
+        if len(r) != 2 or not _is_int(r[0]) or r[0] < 0 or isinstance(r[1], bool):
             raise ValueError(f"{allowed}; got r={r!r}")
-        if not -1.0 <= float(r[1]) <= 1.0:
-            raise ValueError(f"{allowed}; got inflection {r[1]}")
-        return (r[0], float(r[1]))
-    if isinstance(r, list):
-        if len(r) != num_layers or not all(is_int(v) and v >= 0 for v in r):
-            raise ValueError(f"{allowed}; got a list of {len(r)} values: {r!r}")
-        return list(r)
+        if not isinstance(r[1], (int, float)) or not -1.0 <= float(r[1]) <= 1.0:
+            raise ValueError(f"{allowed}; got inflection {r[1]!r}")
+        return Inflection(r[0], float(r[1]))
     raise ValueError(f"{allowed}; got {type(r).__name__} {r!r}")
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...], meaning: str = "") -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}{meaning}; got {value!r}")
+    return value
+
+
+class SettingError(AttributeError, ValueError):
+    """A name that is not a setting, or a fact that cannot be assigned (both an AttributeError, as Python
+    reports unknown attributes, and a ValueError, as vtome reports bad settings)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What each layer's merge step does: derived from :class:`MergeSettings` alone, as a value.
+
+    ``r[i]`` tokens removed per step in layer ``i`` (per clip for joint layouts, per frame for divided ones;
+    0: no merge there), ``steps[i]`` merge steps in layer ``i`` (1 + ``duplicate``); the other fields are the
+    settings the step reads, with ``aligned`` for ``divided="aligned"``.
+    """
+
+    r: tuple[int, ...]
+    steps: tuple[int, ...]
+    mode: str
+    threshold: float
+    order: str
+    head_aggregation: str
+    prop_attn: bool
+    seed: int | None
+    aligned: bool
+    position_merge: str
+    trace_source: bool
+    budgeted: bool  # r was resolved from a FLOP budget (capping is then expected, not warned about)
+
+    @property
+    def merges(self) -> bool:
+        """Whether any layer merges."""
+        return any(self.r)
+
+    def r_at(self, layer: int) -> int:
+        """``r`` of ``layer`` (0 past the last layer)."""
+        return self.r[layer] if 0 <= layer < len(self.r) else 0
+
+
+# Settings whose change changes the schedule, so a FLOP budget no longer describes it.
+_SCHEDULE = ("r", "start_layer", "layers", "duplicate")
 
 
 @dataclass
 class MergeSettings:
-    """What a patched model does; attributes may be changed at any time and are validated on assignment.
+    """What a patched model does. Every field is validated when assigned and stored as an immutable value
+    (``r`` per layer and ``layers`` as tuples, ``duplicate`` as a read-only mapping), so the only way to change
+    a setting is to assign it, and an assignment takes effect at the next forward. ``num_layers`` is a fact of
+    the model and cannot be assigned; so is ``flops`` (call ``vtome.patch(model, flops=...)`` for a new budget;
+    assigning ``r``, ``start_layer``, ``layers`` or ``duplicate`` clears it). Unknown names are refused.
 
     ``r`` counts tokens removed per layer: per clip for joint space-time models, per frame for divided
-    space-time models. ``prop_attn=None`` means the model family's default.
+    space-time models.
     """
 
     num_layers: int
@@ -53,26 +152,104 @@ class MergeSettings:
     trace_source: bool = False
     seed: int | None = None
     duplicate: dict[int, int] = field(default_factory=dict)
-    layers: list[int] | None = None
+    layers: tuple[int, ...] | None = None
     order: str = "paper"
     divided: str | None = None  # divided space-time models only: "per_frame" or "aligned"
     position_merge: str = "mean"  # models with positional attention (RoPE): "mean" or "destination"
     flops: float | None = None  # the FLOP budget r was resolved from (vtome.patch(model, flops=...)), if any
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_plan", self._build_plan())
+
     def __setattr__(self, name: str, value: object) -> None:
-        value = self._validate(name, value)
-        super().__setattr__(name, value)
-        self.__dict__.pop("_schedule", None)  # recomputed on next use
+        ready = "_plan" in self.__dict__  # False while __init__ assigns the fields
+        if name not in _FIELDS:
+            known = ", ".join(sorted(_FIELDS - {"num_layers"}))
+            raise SettingError(f"MergeSettings has no setting {name!r}; the settings are: {known}")
+        if ready and name == "num_layers":
+            raise SettingError("num_layers is a fact of the patched model and cannot be assigned")
+        if ready and name == "flops" and value != self.flops:
+            raise SettingError(
+                "flops is the FLOP budget r was resolved from: a FLOP budget is resolved to r when patching, so call "
+                "vtome.patch(model, flops=...) again (or assign r directly)"
+            )
+        object.__setattr__(self, name, self._validate(name, value))
+        if ready:
+            if name in _SCHEDULE:
+                object.__setattr__(self, "flops", None)
+            object.__setattr__(self, "_plan", self._build_plan())
+
+    def __delattr__(self, name: str) -> None:
+        raise SettingError(f"merge settings cannot be deleted; assign {name} a new value instead")
+
+    @property
+    def plan(self) -> Plan:
+        """What each layer's merge step does under these settings (rebuilt at every assignment)."""
+        return self.__dict__["_plan"]
+
+    def schedule(self) -> list[int]:
+        """``r`` for each layer, before capping (0 outside ``layers`` and before ``start_layer``)."""
+        return list(self.plan.r)
+
+    def r_at(self, layer: int) -> int:
+        """``r`` for ``layer`` (as in :meth:`schedule`; 0 past the last layer)."""
+        return self.plan.r_at(layer)
+
+    def to_dict(self) -> dict:
+        """Every field as plain JSON-ready values (tuples as lists, ``duplicate`` as a dict)."""
+        out = dataclasses.asdict(self)
+        out["r"] = list(self.r) if isinstance(self.r, tuple) else self.r
+        out["duplicate"] = dict(self.duplicate)
+        out["layers"] = None if self.layers is None else list(self.layers)
+        return out
+
+    def _build_plan(self) -> Plan:
+        r = self.r if isinstance(self.r, int) else tuple(self.r) if isinstance(self.r, Inflection) else list(self.r)
+        values = parse_schedule(r, self.num_layers, self.start_layer)
+        if self.layers is not None:
+            values = [v if i in self.layers else 0 for i, v in enumerate(values)]
+        steps = tuple((1 + self.duplicate.get(i, 0)) if v > 0 else 0 for i, v in enumerate(values))
+        return Plan(
+            r=tuple(values),
+            steps=steps,
+            mode=self.mode,
+            threshold=self.threshold,
+            order=self.order,
+            head_aggregation=self.head_aggregation,
+            prop_attn=self.prop_attn,
+            seed=self.seed,
+            aligned=self.divided == "aligned",
+            position_merge=self.position_merge,
+            trace_source=self.trace_source,
+            budgeted=self.flops is not None,
+        )
 
     def _validate(self, name: str, value: object) -> object:
+        n = self.__dict__.get("num_layers")
+        if name == "num_layers":
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"num_layers must be an int >= 1; got {value!r}")
+            return value
         if name == "r":
-            return _check_r(value, self.num_layers)
-        if name == "mode" and value not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {value!r}")
-        if name == "order" and value not in ORDERS:
-            raise ValueError(
-                f"order must be 'paper' (the published A/B split and token order) or 'spatial' (tokens kept in "
-                f"their original order); got {value!r}"
+            return _check_r(value, n)
+        if name == "mode":
+            return _choice("mode", value, MODES)
+        if name == "order":
+            return _choice(
+                "order",
+                value,
+                ORDERS,
+                " ('paper': the published A/B split and token order; 'spatial': tokens kept in their original order)",
+            )
+        if name == "head_aggregation":
+            return _choice("head_aggregation", value, HEAD_AGGREGATIONS)
+        if name == "position_merge":
+            return _choice(
+                "position_merge",
+                value,
+                POSITION_MERGES,
+                " ('mean': a merged token sits at the size-weighted mean position of its patches; 'destination': "
+                "at its destination token's position)",
             )
         if name == "divided":
             joint = "divided" in self.__dict__ and self.__dict__["divided"] is None
@@ -81,72 +258,60 @@ class MergeSettings:
                     "divided applies to divided space-time models (TimeSformer, Motionformer) only; "
                     "this model attends jointly over the clip"
                 )
-            if not joint and "divided" in self.__dict__ and value not in DIVIDED or value not in (None, *DIVIDED):
-                raise ValueError(
-                    "divided must be 'per_frame' (each frame picks its own pairs, as published) or 'aligned' "
-                    f"(one matching per clip, shared by all its frames); got {value!r}"
-                )
-        if name == "flops" and "flops" in self.__dict__ and self.__dict__["flops"] != value:
-            raise ValueError(
-                "a FLOP budget is resolved to r when patching: call vtome.patch(model, flops=...) again "
-                "(or set r directly)"
+            if value is None and "divided" not in self.__dict__:
+                return None
+            return _choice(
+                "divided",
+                value,
+                DIVIDED,
+                " ('per_frame': each frame picks its own pairs, as published; 'aligned': one matching per clip, "
+                "shared by all its frames)",
             )
-        if name == "position_merge" and value not in ("mean", "destination"):
-            raise ValueError(
-                "position_merge must be 'mean' (a merged token sits at the size-weighted mean position of the "
-                f"patches it covers) or 'destination' (at its destination token's position); got {value!r}"
-            )
-        if name == "head_aggregation" and value not in HEAD_AGGREGATIONS:
-            raise ValueError(f"head_aggregation must be one of {', '.join(HEAD_AGGREGATIONS)}; got {value!r}")
         if name == "threshold":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
                 raise ValueError(f"threshold is a cosine similarity and must be a number in [-1, 1]; got {value!r}")
             return float(value)
-        if name == "start_layer" and (
-            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.num_layers
-        ):
-            raise ValueError(f"start_layer must be an int in [0, {self.num_layers}]; got {value!r}")
-        if name in ("prop_attn", "trace_source") and not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False; got {value!r}")
-        if name == "layers" and value is not None:
-            if not isinstance(value, (list, tuple, set)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers for i in value
-            ):
-                raise ValueError(f"layers must list layer indices in [0, {self.num_layers - 1}]; got {value!r}")
-            return sorted(set(value))
+        if name == "start_layer":
+            if not _is_int(value) or not 0 <= value <= n:
+                raise ValueError(f"start_layer must be an int in [0, {n}]; got {value!r}")
+            return value
+        if name in ("prop_attn", "trace_source"):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False; got {value!r}")
+            return value
+        if name == "layers":
+            if value is None:
+                return None
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                raise ValueError(f"layers must list layer indices in [0, {n - 1}]; got {value!r}")
+            value = list(value)
+            if not all(_is_int(i) and 0 <= i < n for i in value):
+                raise ValueError(f"layers must list layer indices in [0, {n - 1}]; got {value!r}")
+            return tuple(sorted(set(value)))
         if name == "duplicate":
             if value is None:
-                return {}
+                return FrozenDict()
             if not isinstance(value, dict) or not all(
-                isinstance(k, int) and 0 <= k < self.num_layers and isinstance(v, int) and v >= 0
-                for k, v in value.items()
+                _is_int(k) and 0 <= k < n and _is_int(v) and v >= 0 for k, v in value.items()
             ):
                 raise ValueError(
-                    f"duplicate maps layer index (0..{self.num_layers - 1}) -> extra merge steps (int >= 0); "
+                    f"duplicate maps layer index (an int, 0..{n - 1}) -> extra merge steps (an int >= 0); got {value!r}"
+                )
+            return FrozenDict(value)
+        if name == "seed":
+            if value is not None and not _is_int(value):
+                raise ValueError(f"seed must be an int or None; got {value!r}")
+            return value
+        if name == "flops":
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ValueError(
+                    "flops is the fraction of the unpatched FLOPs to keep, a number in (0, 1] (0.5: half); "
                     f"got {value!r}"
                 )
-            return dict(value)
-        if name == "seed" and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"seed must be an int or None; got {value!r}")
-        return value
+            return float(value)
+        raise AssertionError(name)  # every field is handled above
 
-    def schedule(self) -> list[int]:
-        """``r`` for each layer, before capping (0 outside ``layers`` and before ``start_layer``)."""
-        return list(self.frozen_schedule())
 
-    def r_at(self, layer: int) -> int:
-        """``r`` for ``layer`` (as in :meth:`schedule`; 0 past the last layer)."""
-        schedule = self.frozen_schedule()
-        return schedule[layer] if layer < len(schedule) else 0
-
-    def frozen_schedule(self) -> tuple[int, ...]:
-        """:meth:`schedule` as a tuple, cached: the same object until a setting is assigned, a new one after
-        (so it also tells whether values derived from the settings are still current)."""
-        cached = self.__dict__.get("_schedule")
-        if cached is None:
-            values = parse_schedule(self.r, self.num_layers, self.start_layer)
-            if self.layers is not None:
-                values = [v if i in self.layers else 0 for i, v in enumerate(values)]
-            cached = tuple(values)
-            self.__dict__["_schedule"] = cached
-        return cached
+_FIELDS = frozenset(f.name for f in dataclasses.fields(MergeSettings))

@@ -1,31 +1,33 @@
 """Model adapters: one module per architecture family, imported only when a model of that family is patched.
 
-Each adapter module defines:
+Owns: the adapter contract (:class:`Adapter`, a small declarative spec each family module defines as
+``ADAPTER``), the registry from class names to family modules, patching and restoring classes, and the
+pieces the families share (attention that returns its keys, the attend -> merge -> MLP block, input checks).
 
-- ``FAMILY`` (display name), ``DEFAULT_PROP_ATTN`` and ``ATTENTION`` (``"joint"``, ``"divided"`` or
-  ``"trajectory"``: which FLOP model applies);
-- ``layers(model) -> nn.ModuleList`` and ``base(model) -> nn.Module`` (the module that takes ``pixel_values``);
-- ``layout(model) -> Layout``;
-- ``apply(model, merger)``: swap in the patched classes (no hooks: the patched forwards carry the merge
-  state as arguments and return values, see :mod:`vtome.merger`);
-- ``token_positions(model)``: where each input token sits in the video (for drawing merges).
-
-Patched classes are subclasses of the stock ones, defined at module level (so a patched model pickles);
-:func:`restore` gives every module its class back.
+A model is matched by the class names along its class hierarchy (``__mro__``, as tomesd does), so a user's
+subclass of a supported model is patched and no model library is imported before it is needed. Patched
+classes are subclasses of the stock ones, defined at module level (so a patched model pickles). A module of a
+user's subclass gets a class that puts the user's class first and the patched class after it (user methods
+and overrides stay in effect); that class pickles and copies through :func:`_rebuild`. :func:`restore` gives
+every module its own class back.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-from types import ModuleType
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from vtome.merger import Merger
+from vtome.flops import FlopModel
+from vtome.layout import Layout
+from vtome.merger import Merger, Track
 
-# Patched by class name (as tomesd does), so no model library is imported before it is needed.
+# Class names (anywhere in a model's class hierarchy) -> the family module that patches them.
 REGISTRY: dict[str, str] = {
     "VideoMAEModel": "videomae",
     "VideoMAEForVideoClassification": "videomae",
@@ -39,42 +41,256 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def adapter_for(model: nn.Module) -> ModuleType:
-    """The adapter module for ``model``; ``TypeError`` naming the supported classes otherwise."""
-    name = type(model).__name__
-    if name not in REGISTRY:
-        supported = ", ".join(REGISTRY)
-        raise TypeError(f"vtome cannot patch a {name}; supported models: {supported}")
-    return importlib.import_module(f"vtome.adapters.{REGISTRY[name]}")
+def _no_pooler(model: nn.Module) -> int | None:
+    return None
 
 
-def swap_class(module: nn.Module, patched: type[nn.Module], merger: Merger, layer: int | None = None) -> None:
-    """Give ``module`` the patched subclass of its class, pointing at ``merger``; :func:`restore` undoes it."""
-    module._vtome_original_class = type(module)
-    module.__class__ = patched
-    module._vtome = merger
-    if layer is not None:
-        module._vtome_layer = layer
+@dataclass(frozen=True)
+class Adapter:
+    """How vtome patches one model family (each family module defines one as ``ADAPTER``).
+
+    ``base_attr``: the attribute holding the base model on a task model (``"videomae"``; a base model is its
+    own base); ``layers_attr``: the path from the base model to its ``nn.ModuleList`` of layers;
+    ``attention``: the FLOP model's attention kind (:data:`vtome.flops.ATTENTIONS`); ``prop_attn``: the
+    family's default for proportional attention; ``swaps``: ``(path, patched class)`` pairs, where a path
+    starts at ``model`` (the model itself), ``base`` or ``layer`` (each encoder layer, which also gives the
+    module its layer index), ``*`` stands for every item of a module list, and a module that is missing or
+    not of the patched class's stock class is skipped;
+    ``layout_of(model)``: where the mergeable tokens sit; ``positions_of(model)``: ``([N0, 3]`` input token
+    positions ``(first frame, row, column)``, -1 for a class token; frames per token; patch size);
+    ``pooler_of(model)``: self-attention layers of an attentive pooler after the encoder (None: none);
+    ``models``: the stock classes :func:`vtome.patch` takes (their subclasses too).
+    """
+
+    family: str
+    models: tuple[type[nn.Module], ...]
+    base_attr: str | None
+    layers_attr: str
+    attention: str
+    prop_attn: bool
+    swaps: tuple[tuple[str, type[nn.Module]], ...]
+    layout_of: Callable[[nn.Module], Layout]
+    positions_of: Callable[[nn.Module], tuple[Tensor, int, int]]
+    pooler_of: Callable[[nn.Module], int | None] = _no_pooler
+
+    def base(self, model: nn.Module) -> nn.Module:
+        """The base model (the one that takes the clip and runs the encoder)."""
+        return getattr(model, self.base_attr, model) if self.base_attr else model
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The encoder's layers."""
+        return _resolve(self.base(model), self.layers_attr)
+
+    def layout(self, model: nn.Module) -> Layout:
+        return self.layout_of(model)
+
+    def token_positions(self, model: nn.Module) -> tuple[Tensor, int, int]:
+        return self.positions_of(model)
+
+    def flop_model(self, model: nn.Module) -> FlopModel:
+        c = model.config
+        return FlopModel(self.attention, c.hidden_size, self.layout(model).frames, self.pooler_of(model))
+
+    def targets(self, model: nn.Module) -> Iterator[tuple[nn.Module, type[nn.Module], int | None]]:
+        """``(module, patched class, layer index or None)`` for every module the patch swaps."""
+        for path, patched in self.swaps:
+            root, _, rest = path.partition(".")
+            if root == "layer":
+                starts = list(enumerate(self.layers(model)))
+            else:
+                starts = [(None, model if root == "model" else self.base(model))]
+            for index, start in starts:
+                for module in _resolve_all(start, rest.split(".") if rest else []):
+                    if isinstance(module, _stock(patched)):
+                        yield module, patched, index
+
+
+def _resolve(module: nn.Module, path: str) -> nn.Module | None:
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module
+
+
+def _resolve_all(module: nn.Module | None, names: list[str]) -> Iterator[nn.Module]:
+    """The modules at a path of attribute ``names`` below ``module`` (``*``: each item of a module list)."""
+    if module is None:
+        return
+    if not names:
+        yield module
+        return
+    if names[0] == "*" and isinstance(module, nn.ModuleList):
+        children = list(module)
+    else:
+        children = [getattr(module, names[0], None)]
+    for child in children:
+        yield from _resolve_all(child, names[1:])
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for ``model``, found through its class hierarchy; ``TypeError`` naming the supported
+    classes otherwise."""
+    for cls in type(model).__mro__:
+        family = REGISTRY.get(cls.__name__)
+        if family is not None:
+            adapter: Adapter = importlib.import_module(f"vtome.adapters.{family}").ADAPTER
+            if cls in adapter.models:
+                return adapter
+    raise TypeError(
+        f"vtome cannot patch a {type(model).__name__}; supported models: {', '.join(REGISTRY)} (and their subclasses)"
+    )
+
+
+def _stock(patched: type[nn.Module]) -> type[nn.Module]:
+    """The stock class a patched class extends."""
+    return patched.__bases__[0]
+
+
+# -- patching classes ----------------------------------------------------------------------------------
+
+
+def merger_of(module: nn.Module) -> Merger | None:
+    """The :class:`Merger` of a patched module, None for a module that is not patched (a patched class can
+    also be built unpatched, e.g. by ``from_pretrained``: it then behaves as the stock class)."""
+    return module.__dict__.get("_vtome")
+
+
+def is_root(module: nn.Module) -> bool:
+    """Whether ``module`` is a model that :func:`vtome.patch` patched (not one of its submodules)."""
+    return module.__dict__.get("_vtome_root", False) is True
+
+
+def patch_modules(model: nn.Module, adapter: Adapter, merger: Merger) -> None:
+    """Swap in ``adapter``'s patched classes, all pointing at ``merger``; :func:`restore` undoes it. Checks
+    every module first, so a refusal leaves the model as it was."""
+    plan = [(module, _patched_class(type(module), patched), index) for module, patched, index in adapter.targets(model)]
+    for module, cls, index in plan:
+        module._vtome_original_class = type(module)
+        module.__class__ = cls
+        module._vtome = merger
+        if index is not None:
+            module._vtome_layer = index
+    model._vtome = merger
+    model._vtome_root = True
 
 
 def restore(module: nn.Module) -> None:
-    """Undo :func:`swap_class` (no-op on an unpatched module)."""
+    """Undo :func:`patch_modules` on one module (no-op on an unpatched module)."""
     original = module.__dict__.pop("_vtome_original_class", None)
     if original is not None:
         module.__class__ = original
-    module.__dict__.pop("_vtome", None)
-    module.__dict__.pop("_vtome_layer", None)
+    for name in ("_vtome", "_vtome_layer", "_vtome_root"):
+        module.__dict__.pop(name, None)
 
 
-def keeps_output_capture(cls: type[nn.Module]) -> type[nn.Module]:
-    """Class decorator for a patched subclass of a Hugging Face model: its ``output_hidden_states`` and
-    ``output_attentions`` work as the stock class's (transformers looks them up by class name)."""
+def _patched_class(cls: type[nn.Module], patched: type[nn.Module]) -> type[nn.Module]:
+    """The class a module of class ``cls`` gets: ``patched`` itself for the stock class; for a user's subclass
+    a class with the user's class first (its methods and overrides stay in effect) and ``patched`` after it.
+    ``TypeError`` when the user's class overrides a ``forward`` the patch must replace."""
+    stock = _stock(patched)
+    if cls is stock or cls is patched:
+        return patched
+    if "_vtome_parts" in cls.__dict__:  # already composed (patched again)
+        return cls
+    own = [c for c in cls.__mro__[: cls.__mro__.index(stock)] if "forward" in c.__dict__]
+    if own and not getattr(patched, "keeps_user_forward", False):
+        raise TypeError(
+            f"vtome cannot patch {cls.__qualname__}: it overrides forward, which vtome replaces in a "
+            f"{stock.__name__} to carry the merge state; keep the stock forward there (override the task model's "
+            "forward instead), or patch a model without this override"
+        )
+    return _composed(cls, patched)
+
+
+@functools.cache
+def _composed(user: type[nn.Module], patched: type[nn.Module]) -> type[nn.Module]:
+    composed = type(
+        user.__name__,
+        (user, patched),
+        {"__module__": user.__module__, "__qualname__": user.__qualname__, "_vtome_parts": (user, patched)},
+    )
+    composed.__reduce_ex__ = _reduce_composed
+    return register_outputs(composed, user)
+
+
+def _reduce_composed(self: nn.Module, protocol: int) -> tuple:
+    """Pickle and copy a module of a composed class by its parts (the class itself cannot be named)."""
+    return (_rebuild, type(self)._vtome_parts, self.__getstate__())
+
+
+def _rebuild(user: type[nn.Module], patched: type[nn.Module]) -> nn.Module:
+    """A bare module of the class composed from ``user`` and ``patched`` (its state is set by pickle/copy)."""
+    cls = _composed(user, patched)
+    return cls.__new__(cls)
+
+
+def register_outputs(cls: type[nn.Module], like: type[nn.Module] | None = None) -> type[nn.Module]:
+    """Class decorator for a patched Hugging Face model class: its ``output_hidden_states`` and
+    ``output_attentions`` work as those of the stock class (transformers looks them up by class)."""
     try:
         from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
     except ImportError:  # an older transformers: nothing to register
         return cls
-    dict.__setitem__(_CAN_RECORD_REGISTRY, str(cls), getattr(cls, "_can_record_outputs", None) or {})
+    flags = getattr(like or cls, "_can_record_outputs", None) or {}
+    dict.__setitem__(_CAN_RECORD_REGISTRY, str(cls), flags)
     return cls
+
+
+# -- what the families share -------------------------------------------------------------------------------
+
+
+def attend(
+    module: nn.Module,
+    hidden_states: Tensor,
+    projections: tuple[nn.Module, nn.Module, nn.Module],
+    head_dim: int,
+    mask: Tensor | None,
+    attention: Callable[..., tuple[Tensor, Tensor | None]],
+    *,
+    scaling: float,
+    dropout: float,
+    rotate: Callable[[Tensor], Tensor] | None = None,
+    **kwargs: object,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Multi-head attention as the Hugging Face families write it, also returning the keys.
+
+    ``hidden_states`` ``[B, N, C]`` is projected by ``projections`` (query, key, value), split into heads of
+    ``head_dim``, optionally rotated (``rotate`` on queries and keys ``[B, H, N, d]``, e.g. RoPE) and given to
+    ``attention`` (a transformers attention function) with the additive ``mask`` ``[B, 1, 1, N]``. Returns the
+    context ``[B, N, H*d]`` (before the output projection), the attention probabilities (or None) and the
+    projected keys ``[B, N, H*d]`` before rotation (the merging metric).
+    """
+    query, key, value = projections
+    shape = (*hidden_states.shape[:-1], -1, head_dim)
+    projected_keys = key(hidden_states)
+    queries = query(hidden_states).view(shape).transpose(1, 2)
+    keys = projected_keys.view(shape).transpose(1, 2)
+    values = value(hidden_states).view(shape).transpose(1, 2)
+    if rotate is not None:
+        keys, queries = rotate(keys), rotate(queries)
+    context, probs = attention(
+        module, queries, keys, values, mask, is_causal=False, scaling=scaling, dropout=dropout, **kwargs
+    )
+    return context.reshape(*context.shape[:-2], -1), probs, projected_keys
+
+
+def block(
+    layer: nn.Module,
+    hidden_states: Tensor,
+    track: Track,
+    attention: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None, Tensor]],
+    mlp: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Track, Tensor | None]:
+    """A pre-LN transformer block with the merge step between attention and MLP.
+
+    ``attention(hidden_states, bias)`` returns the attention branch ``[B, N, C]`` (its residual is added here),
+    the attention probabilities (or None) and the keys; ``bias`` is the proportional-attention mask. The sum is
+    merged (``layer``'s merger and index), then ``mlp(hidden_states)`` gives the block output with its residual.
+    Returns ``(hidden_states, track, probs)``.
+    """
+    merger: Merger = layer._vtome
+    branch, probs, keys = attention(hidden_states, merger.bias(track, hidden_states.dtype))
+    hidden_states, track = merger.merge(layer._vtome_layer, branch + hidden_states, track, keys)
+    return mlp(hidden_states), track, probs
 
 
 def check_input(merger: Merger, config: object, pixel_values: Tensor | None, family: str) -> None:
@@ -87,6 +303,8 @@ def check_input(merger: Merger, config: object, pixel_values: Tensor | None, fam
 
 def check_frames(pixel_values: Tensor, num_frames: int, num_channels: int, family: str) -> None:
     """Clear error for a clip that is not ``[B, T, C, H, W]`` with the model's ``T`` and ``C``."""
+    if not isinstance(pixel_values, Tensor):
+        raise TypeError(f"{family} expects pixel_values as a torch.Tensor [B, T, C, H, W]; got {type(pixel_values)}")
     shape = tuple(pixel_values.shape)
     if pixel_values.dim() != 5:
         raise ValueError(
@@ -126,3 +344,8 @@ def grid_positions(steps: int, side: int, tubelet: int, time_major: bool) -> Ten
     if not time_major:
         grid = grid.permute(1, 2, 0, 3)
     return grid.reshape(-1, 3)
+
+
+def with_class_token(grid: Tensor) -> Tensor:
+    """``[N, 3]`` grid positions with a class token row (-1) in front: ``[1 + N, 3]``."""
+    return torch.cat([torch.full((1, 3), -1), grid])

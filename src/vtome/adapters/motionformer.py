@@ -10,38 +10,40 @@ trajectory points, which are attention averages, so it gets no size term.
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
-from vtome.adapters import check_input, grid_positions, swap_class
+from vtome.adapters import Adapter, block, check_input, grid_positions, merger_of, with_class_token
 from vtome.architectures import motionformer as mf
 from vtome.layout import Layout
-from vtome.merger import Merger, Track, encode
+from vtome.merger import Track, encode
 
 FAMILY = "Motionformer"
-ATTENTION = "trajectory"
-DEFAULT_PROP_ATTN = True
 
 
+# Copied from vtome.architectures.motionformer.MotionformerLayer.forward, with the merge step
 class MotionformerLayer(mf.MotionformerLayer):
     """The stock block taking and returning ``(x, track)``, merging per frame before the MLP."""
 
     def forward(self, x: Tensor, track: Track, frames: int) -> tuple[Tensor, Track]:
-        merger: Merger = self._vtome
-        i = self._vtome_layer
-        size = track.size
-        bias = None if size is None or not merger.settings.prop_attn else size[..., 0].log().to(x.dtype)
-        out, keys = self.attention(self.layernorm_before(x), frames, bias)
-        x, track = merger.merge(i, x + out, track, keys)
-        return x + self.mlp(self.layernorm_after(x)), track
+        def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, None, Tensor]:
+            out, keys = self.attention(self.layernorm_before(x), frames, bias)
+            return out, None, keys
+
+        def mlp(x: Tensor) -> Tensor:
+            return x + self.mlp(self.layernorm_after(x))
+
+        x, track, _ = block(self, x, track, attention, mlp)
+        return x, track
 
 
 class MotionformerForVideoClassification(mf.MotionformerForVideoClassification):
     """The stock model running the patched layers with sizes and sources."""
 
+    keeps_user_forward = True  # a user's subclass may override forward (it then runs the patched layers)
+
     def forward(self, pixel_values: Tensor) -> mf.MotionformerOutput:
-        merger: Merger | None = self.__dict__.get("_vtome")
+        merger = merger_of(self)
         if merger is None:  # built from this class, not patched: stock
             return super().forward(pixel_values)
         check_input(merger, self.config, pixel_values, FAMILY)
@@ -49,26 +51,21 @@ class MotionformerForVideoClassification(mf.MotionformerForVideoClassification):
         return self.head(encode(merger, self.layers, x, self.config.temporal_positions).hidden_states)
 
 
-def base(model: nn.Module) -> nn.Module:
-    return model
-
-
-def layers(model: nn.Module) -> nn.ModuleList:
-    return model.layers
-
-
-def layout(model: nn.Module) -> Layout:
-    return Layout(protected=1, frames=model.config.temporal_positions, time_minor=False)
-
-
-def apply(model: nn.Module, merger: Merger) -> None:
-    swap_class(model, MotionformerForVideoClassification, merger)
-    for i, layer in enumerate(layers(model)):
-        swap_class(layer, MotionformerLayer, merger, i)
-
-
-def token_positions(model: nn.Module) -> tuple[Tensor, int, int]:
-    """Input token positions ``[N0, 3]`` (class token first, -1; then frame-major), tubelet, patch size."""
+def _positions(model: nn.Module) -> tuple[Tensor, int, int]:
+    """Input token positions: class token first, then frame-major."""
     c = model.config
     grid = grid_positions(c.temporal_positions, c.image_size // c.patch_size, c.tubelet_size, time_major=True)
-    return torch.cat([torch.full((1, 3), -1), grid]), c.tubelet_size, c.patch_size
+    return with_class_token(grid), c.tubelet_size, c.patch_size
+
+
+ADAPTER = Adapter(
+    family=FAMILY,
+    models=(mf.MotionformerForVideoClassification,),
+    base_attr=None,
+    layers_attr="layers",
+    attention="trajectory",
+    prop_attn=True,
+    swaps=(("model", MotionformerForVideoClassification), ("layer", MotionformerLayer)),
+    layout_of=lambda model: Layout(protected=1, frames=model.config.temporal_positions, time_minor=False),
+    positions_of=_positions,
+)

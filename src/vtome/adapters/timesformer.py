@@ -15,16 +15,16 @@ from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.timesformer import modeling_timesformer as hf
 
-from vtome.adapters import check_input, grid_positions, keeps_output_capture, swap_class
+from vtome.adapters import Adapter, check_input, grid_positions, merger_of, register_outputs, with_class_token
 from vtome.layout import Layout
 from vtome.merge import attention_bias
 from vtome.merger import Merger, Track, encode
 
 FAMILY = "TimeSformer"
-ATTENTION = "divided"
-DEFAULT_PROP_ATTN = True
 
 
+# Copied from transformers.models.timesformer.modeling_timesformer.TimesformerSelfAttention.forward (5.x), with a
+# bias and the keys returned
 class TimesformerSelfAttention(hf.TimesformerSelfAttention):
     """Stock attention with an optional additive ``bias`` ``[G, 1, 1, N]`` on the logits; returns
     ``(context, probs or None, keys [G, H, N, d])`` (the keys are the merging metric)."""
@@ -54,12 +54,14 @@ def _attend(
     return block.output(context), probs, keys
 
 
+# Copied from transformers.models.timesformer.modeling_timesformer.TimesformerLayer.forward (5.x), for any number
+# of tokens per frame, with proportional attention and the merge step
 class TimesformerLayer(hf.TimesformerLayer):
     """Divided space-time block for any number of tokens per frame, taking and returning
     ``(hidden_states, track)`` (then the attention probabilities if asked), merging per frame before the MLP."""
 
     def forward(self, hidden_states: Tensor, track: Track, output_attentions: bool = False) -> tuple:
-        merger: Merger = self._vtome
+        merger: Merger = merger_of(self)
         frames = self.config.num_frames
         batch, num_tokens, channels = hidden_states.shape
         slots = (num_tokens - 1) // frames
@@ -119,7 +121,8 @@ class TimesformerEncoder(hf.TimesformerEncoder):
             if output_attentions:
                 all_attentions.append(layer_output[2])
 
-        hidden_states = encode(self._vtome, self.layer, hidden_states, output_attentions, each=collect).hidden_states
+        encoded = encode(merger_of(self), self.layer, hidden_states, output_attentions, each=collect)
+        hidden_states = encoded.hidden_states
         hidden = (*all_hidden_states, hidden_states) if output_hidden_states else None
         attentions = tuple(all_attentions) if output_attentions else None
         if not return_dict:
@@ -127,25 +130,20 @@ class TimesformerEncoder(hf.TimesformerEncoder):
         return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=hidden, attentions=attentions)
 
 
-@keeps_output_capture
+@register_outputs
 class TimesformerModel(hf.TimesformerModel):
     """Stock forward with input checks."""
 
+    keeps_user_forward = True  # a user's subclass may override forward: it runs the patched encoder
+
     def forward(self, pixel_values: Tensor, *args: object, **kwargs: object) -> tuple | BaseModelOutput:
-        if "_vtome" in self.__dict__:  # else built from this class by from_pretrained, not patched: stock
-            check_input(self._vtome, self.config, pixel_values, FAMILY)
+        merger = merger_of(self)
+        if merger is not None:  # else built from this class by from_pretrained, not patched: stock
+            check_input(merger, self.config, pixel_values, FAMILY)
         return super().forward(pixel_values, *args, **kwargs)
 
 
-def base(model: nn.Module) -> nn.Module:
-    return getattr(model, "timesformer", model)
-
-
-def layers(model: nn.Module) -> nn.ModuleList:
-    return base(model).encoder.layer
-
-
-def layout(model: nn.Module) -> Layout:
+def _layout(model: nn.Module) -> Layout:
     config = model.config
     if config.attention_type != "divided_space_time":
         raise TypeError(
@@ -155,17 +153,27 @@ def layout(model: nn.Module) -> Layout:
     return Layout(protected=1, frames=config.num_frames, time_minor=True)
 
 
-def apply(model: nn.Module, merger: Merger) -> None:
-    swap_class(base(model), TimesformerModel, merger)
-    swap_class(base(model).encoder, TimesformerEncoder, merger)
-    for i, layer in enumerate(layers(model)):
-        swap_class(layer, TimesformerLayer, merger, i)
-        for block in (layer.attention, layer.temporal_attention):
-            swap_class(block.attention, TimesformerSelfAttention, merger, i)
-
-
-def token_positions(model: nn.Module) -> tuple[Tensor, int, int]:
-    """Input token positions ``[N0, 3]`` (class token first, -1; then slot-major, frame-minor)."""
+def _positions(model: nn.Module) -> tuple[Tensor, int, int]:
+    """Input token positions: class token first, then slot-major, frame-minor."""
     c = model.config
     grid = grid_positions(c.num_frames, c.image_size // c.patch_size, 1, time_major=False)
-    return torch.cat([torch.full((1, 3), -1), grid]), 1, c.patch_size
+    return with_class_token(grid), 1, c.patch_size
+
+
+ADAPTER = Adapter(
+    family=FAMILY,
+    models=(hf.TimesformerModel, hf.TimesformerForVideoClassification),
+    base_attr="timesformer",
+    layers_attr="encoder.layer",
+    attention="divided",
+    prop_attn=True,
+    swaps=(
+        ("base", TimesformerModel),
+        ("base.encoder", TimesformerEncoder),
+        ("layer", TimesformerLayer),
+        ("layer.attention.attention", TimesformerSelfAttention),
+        ("layer.temporal_attention.attention", TimesformerSelfAttention),
+    ),
+    layout_of=_layout,
+    positions_of=_positions,
+)

@@ -18,13 +18,11 @@ from transformers.models.videomae import modeling_videomae as hf
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from vtome.adapters import check_input, grid_positions, keeps_output_capture, swap_class
+from vtome.adapters import Adapter, attend, block, check_input, grid_positions, merger_of, register_outputs
 from vtome.layout import Layout
-from vtome.merger import Merger, Track, encode, pool_mean
+from vtome.merger import Track, encode, pool_mean
 
 FAMILY = "VideoMAE"
-ATTENTION = "joint"
-DEFAULT_PROP_ATTN = False
 
 
 @dataclass
@@ -35,62 +33,63 @@ class MergedOutput(BaseModelOutput):
     token_size: Tensor | None = None
 
 
+# Copied from transformers.models.videomae.modeling_videomae.VideoMAESelfAttention.forward (5.x), with a bias and
+# the keys returned
 class VideoMAESelfAttention(hf.VideoMAESelfAttention):
     """Stock attention with an optional additive ``bias`` ``[B, 1, 1, N]`` on the logits; also returns the
     projected keys ``[B, N, H*d]`` (the merging metric)."""
 
     def forward(self, hidden_states: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
-        hidden_shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
-        projected_keys = self.key(hidden_states)
-        keys = projected_keys.view(hidden_shape).transpose(1, 2)
-        values = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
-        queries = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
-        context, probs = attention(
+        return attend(
             self,
-            queries,
-            keys,
-            values,
+            hidden_states,
+            (self.query, self.key, self.value),
+            self.attention_head_size,
             bias,
-            is_causal=False,
+            ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward),
             scaling=self.scaling,
             dropout=0.0 if not self.training else self.dropout_prob,
         )
-        return context.reshape(*context.shape[:-2], self.all_head_size), probs, projected_keys
 
 
+# Copied from transformers.models.videomae.modeling_videomae.VideoMAELayer.forward (5.x), with the merge step
 class VideoMAELayer(hf.VideoMAELayer):
     """Stock pre-LN block taking and returning ``(hidden_states, track)``, merging between the attention
     residual and the MLP."""
 
     def forward(self, hidden_states: Tensor, track: Track, **kwargs: object) -> tuple[Tensor, Track]:
-        merger: Merger = self._vtome
-        i = self._vtome_layer
-        normed = self.layernorm_before(hidden_states)
-        context, _, keys = self.attention.attention(normed, merger.bias(track, hidden_states.dtype))
-        hidden_states = self.attention.output(context, normed) + hidden_states
-        hidden_states, track = merger.merge(i, hidden_states, track, keys)
-        layer_output = self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states)
-        return layer_output, track
+        def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+            normed = self.layernorm_before(x)
+            context, probs, keys = self.attention.attention(normed, bias)
+            return self.attention.output(context, normed), probs, keys
+
+        def mlp(x: Tensor) -> Tensor:
+            return self.output(self.intermediate(self.layernorm_after(x)), x)
+
+        hidden_states, track, _ = block(self, hidden_states, track, attention, mlp)
+        return hidden_states, track
 
 
 class VideoMAEEncoder(hf.VideoMAEEncoder):
     """The layer loop, carrying the track; returns the sizes in a :class:`MergedOutput`."""
 
     def forward(self, hidden_states: Tensor, **kwargs: object) -> MergedOutput:
-        encoded = encode(self._vtome, self.layer, hidden_states, **kwargs)
+        encoded = encode(merger_of(self), self.layer, hidden_states, **kwargs)
         return MergedOutput(last_hidden_state=encoded.hidden_states, token_size=encoded.track.size)
 
 
-@keeps_output_capture
+@register_outputs
 class VideoMAEModel(hf.VideoMAEModel):
     """Stock forward with input checks; the output also carries ``token_size``."""
+
+    keeps_user_forward = True  # a user's subclass may override forward: it runs the patched encoder
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None, **kwargs: object) -> MergedOutput:
-        if "_vtome" in self.__dict__:  # else built from this class by from_pretrained, not patched: stock
-            check_input(self._vtome, self.config, pixel_values, FAMILY)
+        merger = merger_of(self)
+        if merger is not None:  # else built from this class by from_pretrained, not patched: stock
+            check_input(merger, self.config, pixel_values, FAMILY)
         encoded = self.encoder(self.embeddings(pixel_values, bool_masked_pos))
         tokens = encoded.last_hidden_state
         if self.layernorm is not None:
@@ -100,6 +99,8 @@ class VideoMAEModel(hf.VideoMAEModel):
 
 class VideoMAEForVideoClassification(hf.VideoMAEForVideoClassification):
     """Stock classifier whose mean pooling is weighted by token size once tokens are merged."""
+
+    keeps_user_forward = True  # a user's subclass may override forward (its pooling is then its own)
 
     @can_return_tuple
     def forward(
@@ -118,36 +119,32 @@ class VideoMAEForVideoClassification(hf.VideoMAEForVideoClassification):
         )
 
 
-def base(model: nn.Module) -> nn.Module:
-    return getattr(model, "videomae", model)
-
-
-def layers(model: nn.Module) -> nn.ModuleList:
-    return base(model).encoder.layer
-
-
-def layout(model: nn.Module) -> Layout:
+def _layout(model: nn.Module) -> Layout:
     # Without mean pooling the classifier reads token 0, so that token is protected.
     reads_first = getattr(model, "fc_norm", None) is None and hasattr(model, "classifier")
     return Layout(protected=1 if reads_first else 0)
 
 
-def apply(model: nn.Module, merger: Merger) -> None:
-    if isinstance(model, hf.VideoMAEForVideoClassification):
-        swap_class(model, VideoMAEForVideoClassification, merger)
-    swap_class(base(model), VideoMAEModel, merger)
-    swap_class(base(model).encoder, VideoMAEEncoder, merger)
-    for i, layer in enumerate(layers(model)):
-        swap_class(layer, VideoMAELayer, merger, i)
-        swap_class(layer.attention.attention, VideoMAESelfAttention, merger, i)
-
-
-def token_positions(model: nn.Module) -> tuple[Tensor, int, int]:
-    """Where each input token sits: ``[N0, 3]`` rows ``(first frame, patch row, patch column)`` (-1 for a
-    class token), the frames each token spans (tubelet) and the patch size in pixels."""
+def _positions(model: nn.Module) -> tuple[Tensor, int, int]:
     c = model.config
-    return (
-        grid_positions(c.num_frames // c.tubelet_size, c.image_size // c.patch_size, c.tubelet_size, time_major=True),
-        c.tubelet_size,
-        c.patch_size,
-    )
+    grid = grid_positions(c.num_frames // c.tubelet_size, c.image_size // c.patch_size, c.tubelet_size, True)
+    return grid, c.tubelet_size, c.patch_size
+
+
+ADAPTER = Adapter(
+    family=FAMILY,
+    models=(hf.VideoMAEModel, hf.VideoMAEForVideoClassification),
+    base_attr="videomae",
+    layers_attr="encoder.layer",
+    attention="joint",
+    prop_attn=False,  # as in the paper's VideoMAE configurations
+    swaps=(
+        ("model", VideoMAEForVideoClassification),
+        ("base", VideoMAEModel),
+        ("base.encoder", VideoMAEEncoder),
+        ("layer", VideoMAELayer),
+        ("layer.attention.attention", VideoMAESelfAttention),
+    ),
+    layout_of=_layout,
+    positions_of=_positions,
+)

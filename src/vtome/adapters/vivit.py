@@ -9,7 +9,6 @@ under ``torch.export``).
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 from transformers.masking_utils import create_bidirectional_mask
@@ -19,63 +18,64 @@ from transformers.models.vivit import modeling_vivit as hf
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from vtome.adapters import check_input, grid_positions, keeps_output_capture, swap_class
+from vtome.adapters import (
+    Adapter,
+    attend,
+    block,
+    check_input,
+    grid_positions,
+    merger_of,
+    register_outputs,
+    with_class_token,
+)
 from vtome.layout import Layout
-from vtome.merger import Merger, Track, encode
+from vtome.merger import Track, encode
 
 FAMILY = "ViViT"
-ATTENTION = "joint"
-DEFAULT_PROP_ATTN = True
 
 
+# Copied from transformers.models.vivit.modeling_vivit.VivitAttention.forward (5.x), with the keys returned
 class VivitAttention(hf.VivitAttention):
     """Stock attention that also returns the projected keys ``[B, N, H*d]`` (the merging metric)."""
 
     def forward(
         self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: object
     ) -> tuple[Tensor, Tensor | None, Tensor]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        projected_keys = self.k_proj(hidden_states)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = projected_keys.view(hidden_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
-        attn_output, attn_weights = attention(
+        context, probs, keys = attend(
             self,
-            query_states,
-            key_states,
-            value_states,
+            hidden_states,
+            (self.q_proj, self.k_proj, self.v_proj),
+            self.head_dim,
             attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
+            ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward),
             scaling=self.scaling,
+            dropout=0.0 if not self.training else self.attention_dropout,
             **kwargs,
         )
-        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
-        return attn_output, attn_weights, projected_keys
+        return self.o_proj(context.contiguous()), probs, keys
 
 
+# Copied from transformers.models.vivit.modeling_vivit.VivitLayer.forward (5.x), with the merge step
 class VivitLayer(hf.VivitLayer):
     """Stock pre-LN block taking and returning ``(hidden_states, track)``, merging before the MLP."""
 
     def forward(
         self, hidden_states: Tensor, track: Track, attention_mask: Tensor | None = None, **kwargs: object
     ) -> tuple[Tensor, Track]:
-        merger: Merger = self._vtome
-        i = self._vtome_layer
-        bias = merger.bias(track, hidden_states.dtype)
-        residual = hidden_states
-        attn_output, _, keys = self.attention(
-            self.layernorm_before(hidden_states), attention_mask if bias is None else bias, **kwargs
-        )
-        hidden_states = self.dropout(attn_output) + residual
-        hidden_states, track = merger.merge(i, hidden_states, track, keys)
-        residual = hidden_states
-        hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states)))
-        return hidden_states + residual, track
+        def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+            mask = attention_mask if bias is None else bias
+            out, probs, keys = self.attention(self.layernorm_before(x), mask, **kwargs)
+            return self.dropout(out), probs, keys
+
+        def mlp(x: Tensor) -> Tensor:
+            return self.dropout(self.mlp(self.layernorm_after(x))) + x
+
+        hidden_states, track, _ = block(self, hidden_states, track, attention, mlp)
+        return hidden_states, track
 
 
-@keeps_output_capture
+# Copied from transformers.models.vivit.modeling_vivit.VivitModel.forward (5.x), with the patched layer loop
+@register_outputs
 class VivitModel(hf.VivitModel):
     """Stock forward running the patched layers with sizes and sources."""
 
@@ -88,7 +88,7 @@ class VivitModel(hf.VivitModel):
         attention_mask: Tensor | None = None,
         **kwargs: object,
     ) -> BaseModelOutputWithPooling:
-        merger: Merger | None = self.__dict__.get("_vtome")  # None: built by from_pretrained, not patched
+        merger = merger_of(self)  # None: built by from_pretrained, not patched
         if merger is not None:
             check_input(merger, self.config, pixel_values, FAMILY)
         embedding_output = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
@@ -112,28 +112,21 @@ class VivitModel(hf.VivitModel):
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output)
 
 
-def base(model: nn.Module) -> nn.Module:
-    return getattr(model, "vivit", model)
-
-
-def layers(model: nn.Module) -> nn.ModuleList:
-    return base(model).layers
-
-
-def layout(model: nn.Module) -> Layout:
-    return Layout(protected=1)
-
-
-def apply(model: nn.Module, merger: Merger) -> None:
-    swap_class(base(model), VivitModel, merger)
-    for i, layer in enumerate(layers(model)):
-        swap_class(layer, VivitLayer, merger, i)
-        swap_class(layer.attention, VivitAttention, merger, i)
-
-
-def token_positions(model: nn.Module) -> tuple[Tensor, int, int]:
-    """Input token positions ``[N0, 3]`` (class token first, -1), tubelet frames and patch size."""
+def _positions(model: nn.Module) -> tuple[Tensor, int, int]:
     c = model.config
     tubelet, patch = c.tubelet_size[0], c.tubelet_size[1]
     grid = grid_positions(c.num_frames // tubelet, c.image_size // patch, tubelet, time_major=True)
-    return torch.cat([torch.full((1, 3), -1), grid]), tubelet, patch
+    return with_class_token(grid), tubelet, patch
+
+
+ADAPTER = Adapter(
+    family=FAMILY,
+    models=(hf.VivitModel, hf.VivitForVideoClassification),
+    base_attr="vivit",
+    layers_attr="layers",
+    attention="joint",
+    prop_attn=True,
+    swaps=(("base", VivitModel), ("layer", VivitLayer), ("layer.attention", VivitAttention)),
+    layout_of=lambda model: Layout(protected=1),
+    positions_of=_positions,
+)

@@ -42,14 +42,20 @@ from transformers.models.vjepa2 import modeling_vjepa2 as hf
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from vtome.adapters import check_attention_backend, grid_positions, keeps_output_capture, swap_class
+from vtome.adapters import (
+    Adapter,
+    attend,
+    block,
+    check_attention_backend,
+    grid_positions,
+    merger_of,
+    register_outputs,
+)
 from vtome.layout import Layout
 from vtome.merge import attention_bias, unmerge_tokens
 from vtome.merger import Merger, Track, encode
 
 FAMILY = "V-JEPA 2"
-ATTENTION = "joint"
-DEFAULT_PROP_ATTN = True
 DROPPING_MODES = ("drop", "random_drop", "hybrid")
 
 
@@ -110,6 +116,8 @@ class MergedModelOutput(hf.VJEPA2WithMaskedInputModelOutput):
         return tuple(v.to_tuple() if isinstance(v, hf.VJEPA2WithMaskedInputPredictorOutput) else v for v in values)
 
 
+# Copied from transformers.models.vjepa2.modeling_vjepa2.VJEPA2RopeAttention.forward (5.x), with positions as
+# values, a bias and the keys returned
 class VJEPA2RopeAttention(hf.VJEPA2RopeAttention):
     """Stock rotary attention that takes positions ``[B, N, 3]`` instead of ids (None: the stock ids) and an
     additive ``bias`` ``[B, 1, 1, N]``; also returns the projected keys before rotation ``[B, N, H*d]``."""
@@ -121,44 +129,38 @@ class VJEPA2RopeAttention(hf.VJEPA2RopeAttention):
         positions: Tensor | None = None,
         bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
-        hidden_shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
-        projected_keys = self.key(hidden_states)
-        queries = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
-        keys = projected_keys.view(hidden_shape).transpose(1, 2)
-        values = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
         if positions is None:
             pos = self.get_position_ids(hidden_states, masks=position_mask)
         else:
-            pos = rope_axes(positions, queries.dtype)
-        keys = self.apply_rotary_embeddings(keys, pos)
-        queries = self.apply_rotary_embeddings(queries, pos)
-        context, probs = _attention_function(self.config)(
+            pos = rope_axes(positions, hidden_states.dtype)
+        context, probs, keys = attend(
             self,
-            queries,
-            keys,
-            values,
+            hidden_states,
+            (self.query, self.key, self.value),
+            self.attention_head_size,
             bias,
-            is_causal=False,
+            _attention_function(self.config),
             scaling=self.scaling,
             dropout=0.0 if not self.training else self.dropout_prob,
+            rotate=lambda t: self.apply_rotary_embeddings(t, pos),
         )
-        context = self.proj(context.reshape(*context.shape[:-2], self.all_head_size))
-        return context, probs, projected_keys
+        return self.proj(context), probs, keys
 
 
+# Copied from transformers.models.vjepa2.modeling_vjepa2.VJEPA2Layer.forward (5.x), with positions and the merge step
 class VJEPA2Layer(hf.VJEPA2Layer):
     """Stock pre-LN block taking and returning ``(hidden_states, track)`` (then the attention probabilities),
     rotating by the track's positions and merging between the attention residual and the MLP."""
 
     def forward(self, hidden_states: Tensor, track: Track, **kwargs: object) -> tuple[Tensor, Track, Tensor | None]:
-        merger: Merger = self._vtome
-        i = self._vtome_layer
-        bias = merger.bias(track, hidden_states.dtype)
-        context, probs, keys = self.attention(self.norm1(hidden_states), None, track.positions, bias)
-        hidden_states = self.drop_path(context) + hidden_states
-        hidden_states, track = merger.merge(i, hidden_states, track, keys)
-        hidden_states = self.drop_path(self.mlp(self.norm2(hidden_states))) + hidden_states
-        return hidden_states, track, probs
+        def attention(x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+            context, probs, keys = self.attention(self.norm1(x), None, track.positions, bias)
+            return self.drop_path(context), probs, keys
+
+        def mlp(x: Tensor) -> Tensor:
+            return self.drop_path(self.mlp(self.norm2(x))) + x
+
+        return block(self, hidden_states, track, attention, mlp)
 
 
 class VJEPA2Encoder(hf.VJEPA2Encoder):
@@ -166,13 +168,13 @@ class VJEPA2Encoder(hf.VJEPA2Encoder):
     final norm; returns sizes and the index map with the tokens."""
 
     def forward(self, pixel_values_videos: Tensor | None = None, **kwargs: object) -> MergedEncoderOutput:
-        merger: Merger = self._vtome
+        merger: Merger = merger_of(self)
         hidden_states = self.embeddings(pixel_values_videos)
         positions = None
         if merger.merges():  # else the stock ids: bit-exact at r = 0
             positions = grid_ids(self.layer[0].attention, hidden_states).expand(hidden_states.shape[0], -1, -1)
         encoded = encode(merger, self.layer, hidden_states, positions=positions, **kwargs)
-        index = merger.global_index(encoded.track.index, encoded.hidden_states.shape[1])
+        index = merger.layout.global_index(encoded.track.index, encoded.hidden_states.shape[1])
         return MergedEncoderOutput(
             last_hidden_state=self.layernorm(encoded.hidden_states),
             token_size=encoded.track.size,
@@ -222,7 +224,8 @@ def _context(
     return context_mask
 
 
-@keeps_output_capture
+# Copied from transformers.models.vjepa2.modeling_vjepa2.VJEPA2Model.forward (5.x), on the merged encoder
+@register_outputs
 class VJEPA2Model(hf.VJEPA2Model):
     """Stock forward on the merged encoder: ``last_hidden_state`` is merged (with ``token_size``); the
     predictor and ``masked_hidden_state``/``target_hidden_state`` read the output unmerged to the input grid."""
@@ -237,7 +240,7 @@ class VJEPA2Model(hf.VJEPA2Model):
         skip_predictor: bool = False,
         **kwargs: object,
     ) -> MergedModelOutput:
-        merger: Merger | None = self.__dict__.get("_vtome")  # None: built by from_pretrained, not patched
+        merger = merger_of(self)  # None: built by from_pretrained, not patched
         _check_clip(self.config, pixel_values_videos)
         if merger is not None and merger.settings.prop_attn:
             check_attention_backend(self.config)
@@ -278,21 +281,17 @@ class VJEPA2PoolerSelfAttention(hf.VJEPA2PoolerSelfAttention):
     """Stock pooler self-attention whose eager path adds the attention mask (the stock eager one ignores it)."""
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        queries = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        output, probs = _attention_function(self.config)(
+        context, probs, _ = attend(
             self,
-            queries,
-            keys,
-            values,
+            hidden_states,
+            (self.q_proj, self.k_proj, self.v_proj),
+            self.head_dim,
             attention_mask,
-            is_causal=False,
+            _attention_function(self.config),
             scaling=self.scale,
             dropout=0.0 if not self.training else self.dropout,
         )
-        return self.out_proj(output.reshape(*hidden_states.shape[:-1], -1).contiguous()), probs
+        return self.out_proj(context.contiguous()), probs
 
 
 class VJEPA2PoolerCrossAttention(hf.VJEPA2PoolerCrossAttention):
@@ -334,6 +333,8 @@ class VJEPA2AttentivePooler(hf.VJEPA2AttentivePooler):
 class VJEPA2ForVideoClassification(hf.VJEPA2ForVideoClassification):
     """Stock classifier whose attentive pooler weighs merged tokens by size."""
 
+    keeps_user_forward = True  # a user's subclass may override forward (its pooling is then its own)
+
     @can_return_tuple
     def forward(
         self, pixel_values_videos: Tensor, labels: Tensor | None = None, **kwargs: object
@@ -352,43 +353,36 @@ class VJEPA2ForVideoClassification(hf.VJEPA2ForVideoClassification):
         )
 
 
-def base(model: nn.Module) -> nn.Module:
-    return getattr(model, "vjepa2", model)
+def _pooler_layers(model: nn.Module) -> int | None:
+    """The FLOP model's attentive pooler: the classifier's self-attention layers (None for the base model)."""
+    return model.config.num_pooler_layers if isinstance(model, hf.VJEPA2ForVideoClassification) else None
 
 
-def layers(model: nn.Module) -> nn.ModuleList:
-    return base(model).encoder.layer
-
-
-def layout(model: nn.Module) -> Layout:
-    return Layout(protected=0)
-
-
-def attention_kind(model: nn.Module) -> str:
-    """The FLOP model: joint space-time attention, plus the attentive pooler for the classifier."""
-    if isinstance(model, hf.VJEPA2ForVideoClassification):
-        return f"{ATTENTION}+pooler{model.config.num_pooler_layers}"
-    return ATTENTION
-
-
-def apply(model: nn.Module, merger: Merger) -> None:
-    if isinstance(model, hf.VJEPA2ForVideoClassification):
-        swap_class(model, VJEPA2ForVideoClassification, merger)
-        pooler = model.pooler
-        swap_class(pooler, VJEPA2AttentivePooler, merger)
-        for layer in pooler.self_attention_layers:
-            swap_class(layer.self_attn, VJEPA2PoolerSelfAttention, merger)
-        swap_class(pooler.cross_attention_layer.cross_attn, VJEPA2PoolerCrossAttention, merger)
-    swap_class(base(model), VJEPA2Model, merger)
-    swap_class(base(model).encoder, VJEPA2Encoder, merger)
-    for i, layer in enumerate(layers(model)):
-        swap_class(layer, VJEPA2Layer, merger, i)
-        swap_class(layer.attention, VJEPA2RopeAttention, merger, i)
-
-
-def token_positions(model: nn.Module) -> tuple[Tensor, int, int]:
-    """Where each input token sits: ``[N0, 3]`` rows ``(first frame, patch row, patch column)`` for the
-    config's clip (``frames_per_clip`` x ``crop_size``), the frames each token spans and the patch size."""
+def _positions(model: nn.Module) -> tuple[Tensor, int, int]:
+    """Input token positions for the config's clip (``frames_per_clip`` x ``crop_size``)."""
     c = model.config
     grid = grid_positions(c.frames_per_clip // c.tubelet_size, c.crop_size // c.patch_size, c.tubelet_size, True)
     return grid, c.tubelet_size, c.patch_size
+
+
+ADAPTER = Adapter(
+    family=FAMILY,
+    models=(hf.VJEPA2Model, hf.VJEPA2ForVideoClassification),
+    base_attr="vjepa2",
+    layers_attr="encoder.layer",
+    attention="joint",
+    prop_attn=True,
+    swaps=(
+        ("model", VJEPA2ForVideoClassification),
+        ("model.pooler", VJEPA2AttentivePooler),
+        ("model.pooler.cross_attention_layer.cross_attn", VJEPA2PoolerCrossAttention),
+        ("base", VJEPA2Model),
+        ("base.encoder", VJEPA2Encoder),
+        ("layer", VJEPA2Layer),
+        ("layer.attention", VJEPA2RopeAttention),
+        ("model.pooler.self_attention_layers.*.self_attn", VJEPA2PoolerSelfAttention),
+    ),
+    layout_of=lambda model: Layout(protected=0),
+    positions_of=_positions,
+    pooler_of=_pooler_layers,
+)

@@ -79,7 +79,7 @@ torch.export.register_dataclass(MotionformerOutput, serialized_type_name=f"{__na
 
 
 class TrajectoryAttention(nn.Module):
-    """Trajectory attention over ``[B, 1 + F*P, C]`` tokens; ``bias`` (``[B, 1 + F*P]``, log token sizes)
+    """Trajectory attention over ``[B, 1 + F*P, C]`` tokens; ``bias`` (``[B, 1, 1, 1 + F*P]``, log token sizes)
     adds proportional attention to the class token's and the per-frame spatial softmaxes."""
 
     def __init__(self, config: MotionformerConfig) -> None:
@@ -104,14 +104,14 @@ class TrajectoryAttention(nn.Module):
         # 1. class token over all tokens
         cls_logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)  # [B, h, 1, N]
         if bias is not None:
-            cls_logits = cls_logits + bias[:, None, None, :]
+            cls_logits = cls_logits + bias
         cls_out = (cls_logits.softmax(-1) @ v).transpose(1, 2).reshape(b, 1, c)
 
         # 2. each patch query over the patches of every frame, a softmax per frame
         q_, k_, v_ = q[:, :, 1:], k[:, :, 1:], v[:, :, 1:]
         logits = (self.scale * (q_ @ k_.transpose(-2, -1))).view(b, h, frames * p, frames, p)
         if bias is not None:
-            logits = logits + bias[:, 1:].view(b, 1, 1, frames, p)
+            logits = logits + bias[..., 1:].view(b, 1, 1, frames, p)
         points = torch.einsum("bhqfp,bhfpd->bhqfd", logits.softmax(-1), v_.view(b, h, frames, p, d))
         points = points.permute(0, 2, 3, 1, 4).reshape(b, frames * p, frames, c)  # [B, S, F, C]
 

@@ -88,7 +88,7 @@ class Result:
             "mode": live.mode if live else "none",
             "order": live.order if live else None,
             "divided": live.divided if live else None,
-            "layers": live.layers if live else None,
+            "layers": list(live.layers) if live and live.layers is not None else None,
             "r": self.r,
             "flop_ratio": round(self.flop_ratio, 3),
             "acc": self.acc(),

@@ -76,7 +76,7 @@ def variant(base: nn.Module, name: str, flops: float) -> nn.Module:
     for key, value in assigned.items():
         setattr(vtome.settings(model), key, value)
     if helper == "naive":
-        for layer in adapter.layers(model):
+        for layer in adapter.ADAPTER.layers(model):
             layer.attention.__class__ = _NaiveRopeAttention
     elif helper == "unweighted":
         model.pooler.__class__ = _UnweightedPooler
