@@ -67,6 +67,7 @@ def test_recipe_records_the_mode_and_hybrid_threshold(tmp_path):
         ),
         (["--init", "demo-joint", "--family", "joint", "--out", "NEW"], "not allowed with argument"),
         (["--init", "demo-joint", "--out", "USED"], "already holds a model"),
+        (["--family", "joint", "--flops", "0.5"], "training with --flops/--r needs --out DIR"),
     ],
 )
 def test_recipe_refuses_bad_arguments_clearly(argv, message, tmp_path, capsys):

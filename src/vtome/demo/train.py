@@ -210,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--mode and --threshold go with --flops or --r (training with merging)")
     if args.threshold is not None and args.mode != "hybrid":
         p.error("--threshold is for --mode hybrid")
+    if merging and args.out is None:
+        p.error("training with --flops/--r needs --out DIR (the bundled weights are trained without merging)")
     if args.init and args.tiny:
         p.error("--tiny builds a new model; it does not go with --init")
     if args.init:
