@@ -18,7 +18,8 @@ plan, the layout, the tokens, their track and the keys), :func:`encode` (the pat
   as a return value.
 - The one write of a forward: at the end of the loop, :func:`encode` replaces ``Merger.run`` with a new
   :class:`RunInfo` (token counts; sizes, index and sources detached, so no activation outlives the forward).
-- Random modes with a seed draw from a generator seeded by (seed, layer, step): a recompute draws the same.
+- Random modes with a seed draw from a counter-based hash of (seed, layer, step): a recompute draws the same,
+  and a compiled forward needs no generator object.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def merge_step(
         metric = layout.split(metric)[1]
     frames = layout.frames if layout.frames is not None and plan.aligned else 1
     if frames > 1:  # one matching per clip, on the keys averaged over its frames
-        metric = metric.unflatten(0, (-1, frames)).mean(1)
+        metric = metric.unflatten(0, (metric.shape[0] // frames, frames)).mean(1)
     p, r = layout.group_protected, plan.r_at(layer)
     dest, removed, discards = None, 0, False
     group_size = kept = None  # sizes in group layout (repeated steps) and positions kept in place
@@ -125,7 +126,7 @@ def merge_step(
             mode=plan.mode,
             threshold=plan.threshold,
             order=plan.order,
-            generator=_generator(plan, x.device, layer, step),
+            key=_key(plan, layer, step),
         )
         repeated = match.repeat(frames)
         if step + 1 < plan.steps[layer]:  # a repeated step matches on the merged keys
@@ -135,7 +136,8 @@ def merge_step(
                     if track.size is not None
                     else torch.ones(*repeated.dest.shape, 1, device=x.device, dtype=torch.float32)
                 )
-            metric = match.average(metric, group_size.unflatten(0, (-1, frames)).mean(1))[0]
+            clip_size = group_size.unflatten(0, (group_size.shape[0] // frames, frames)).mean(1)
+            metric = match.average(metric, clip_size)[0]
             group_size = repeated(group_size)
         if track.positions is not None and plan.position_merge == "destination":
             kept = repeated.keep(layout.split(track.positions)[1] if kept is None else kept)
@@ -167,13 +169,12 @@ def _compose(index: Tensor | None, dest: Tensor, never_discards: bool) -> Tensor
     return torch.where(index >= 0, dest.gather(1, index.clamp(min=0)), -1)
 
 
-def _generator(plan: Plan, device: torch.device, layer: int, step: int) -> torch.Generator | None:
-    """A generator seeded by (seed, layer, step) for the random modes; None (global RNG) without a seed."""
+def _key(plan: Plan, layer: int, step: int) -> int | None:
+    """The random modes' draws for (seed, layer, step) (:func:`vtome.merge.hashed_uniform`); None (the global RNG)
+    without a seed."""
     if plan.seed is None or not plan.mode.startswith("random"):
         return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(plan.seed * 1_000_003 + layer * 1_009 + step)
-    return generator
+    return plan.seed * 1_000_003 + layer * 1_009 + step
 
 
 class Merger:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -184,14 +185,15 @@ def restore(module: nn.Module) -> None:
 
 def _patched_class(cls: type[nn.Module], patched: type[nn.Module]) -> type[nn.Module]:
     """The class a module of class ``cls`` gets: ``patched`` itself for the stock class; for a user's subclass
-    a class with the user's class first (its methods and overrides stay in effect) and ``patched`` after it.
-    ``TypeError`` when the user's class overrides a ``forward`` the patch must replace."""
+    a class composed of both (the user's methods, and its forward where the patched class keeps a user's
+    forward). ``TypeError`` when the user's class overrides a ``forward`` the patch must replace."""
     stock = _stock(patched)
     if cls is stock or cls is patched:
         return patched
     if "_vtome_parts" in cls.__dict__:  # already composed (patched again)
         return cls
-    own = [c for c in cls.__mro__[: cls.__mro__.index(stock)] if "forward" in c.__dict__]
+    # (transformers wraps the forward of every checkpointing layer subclass: compare the functions inside)
+    own = inspect.unwrap(cls.forward) is not inspect.unwrap(stock.forward)
     if own and not getattr(patched, "keeps_user_forward", False):
         raise TypeError(
             f"vtome cannot patch {cls.__qualname__}: it overrides forward, which vtome replaces in a "
@@ -203,9 +205,12 @@ def _patched_class(cls: type[nn.Module], patched: type[nn.Module]) -> type[nn.Mo
 
 @functools.cache
 def _composed(user: type[nn.Module], patched: type[nn.Module]) -> type[nn.Module]:
+    # The user's class first where its forward may stay in effect; else the patched forward first (the user's
+    # class then only adds methods, and transformers' forward wrapper in it must not shadow the patched one).
+    bases = (user, patched) if getattr(patched, "keeps_user_forward", False) else (patched, user)
     composed = type(
         user.__name__,
-        (user, patched),
+        bases,
         {"__module__": user.__module__, "__qualname__": user.__qualname__, "_vtome_parts": (user, patched)},
     )
     composed.__reduce_ex__ = _reduce_composed
@@ -260,8 +265,8 @@ def attend(
     projected keys ``[B, N, H*d]`` before rotation (the merging metric).
     """
     query, key, value = projections
-    shape = (*hidden_states.shape[:-1], -1, head_dim)
     projected_keys = key(hidden_states)
+    shape = (*hidden_states.shape[:-1], projected_keys.shape[-1] // head_dim, head_dim)  # (no -1: batch 0 works)
     queries = query(hidden_states).view(shape).transpose(1, 2)
     keys = projected_keys.view(shape).transpose(1, 2)
     values = value(hidden_states).view(shape).transpose(1, 2)
@@ -270,7 +275,7 @@ def attend(
     context, probs = attention(
         module, queries, keys, values, mask, is_causal=False, scaling=scaling, dropout=dropout, **kwargs
     )
-    return context.reshape(*context.shape[:-2], -1), probs, projected_keys
+    return context.flatten(-2), probs, projected_keys
 
 
 def block(
