@@ -288,7 +288,7 @@ def test_a_merged_forward_makes_no_host_synchronisation(family, mode):
 @pytest.mark.parametrize("mode", ["merge", "hybrid", "random_drop"])
 def test_compiled_forward_is_one_graph_without_recompiles(family, mode):
     torch._dynamo.reset()
-    model = vtome.patch(tiny(family), r=3, mode=mode, seed=0)
+    model = vtome.patch(tiny(family), r=3, mode=mode, seed=0, duplicate={1: 1}, trace_source=True)
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="eager")
     with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
         for seed in (1, 2, 3):
@@ -329,3 +329,107 @@ def test_unpatch_of_a_submodule_is_refused_and_leaves_the_model_patched():
     assert vtome.is_patched(model) and torch.equal(logits(model, x), merged)
     with pytest.raises(ValueError, match="part of a patched model"):
         vtome.patch(model.videomae, r=1)
+
+
+def test_unpatch_of_a_container_of_patched_modules_is_refused():
+    model = vtome.patch(tiny("videomae"), r=2)
+    with pytest.raises(ValueError, match="part of a patched model"):
+        vtome.unpatch(model.videomae.encoder.layer)  # a ModuleList vtome did not swap, holding patched layers
+    assert vtome.is_patched(model) and logits(model, clip(model)).shape == (2, 5)
+
+
+def test_a_module_of_another_class_at_a_patched_place_is_refused_when_patching():
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, hidden_states, *args, **kwargs):
+            return self.inner(hidden_states, *args, **kwargs)
+
+    model = tiny("videomae")
+    layer = model.videomae.encoder.layer[1]
+    layer.attention.attention = Wrapper(layer.attention.attention)
+    with pytest.raises(TypeError, match="'layer.attention.attention' is a Wrapper"):
+        vtome.patch(model, r=2)
+    assert not vtome.is_patched(model)
+
+
+def test_a_huge_duplicate_stops_when_nothing_is_left_to_merge():
+    model = vtome.patch(tiny("vivit"), r=4, duplicate={0: 10**9})
+    logits(model, clip(model))
+    assert vtome.last_run(model).tokens_per_layer == [1 + 1, 2, 2]  # layer 0 merged 64 patches down to 1
+    budget = vtome.patch(tiny("vivit"), flops=0.5, duplicate={0: 10**9})
+    assert vtome.settings(budget).r >= 1
+
+
+@pytest.mark.parametrize("r", [(2, 0.5), [2, -1.0], (4, 1.0)])
+def test_an_inflection_round_trips_through_json(r):
+    import json
+
+    s = vtome.settings(vtome.patch(tiny("vivit"), r=r))
+    assert isinstance(s.r, Inflection) and s.r == (r[0], float(r[1]))
+    again = vtome.settings(vtome.patch(tiny("vivit"), r=json.loads(json.dumps(s.to_dict()))["r"]))
+    assert again.r == s.r and again.schedule() == s.schedule()
+
+
+def test_integer_pairs_are_per_layer_schedules_at_every_depth():
+    two = vtome.patch(tiny("vivit", num_hidden_layers=2), r=(2, 1))
+    assert vtome.settings(two).schedule() == [2, 1]
+    with pytest.raises(ValueError, match="inflection a float"):
+        vtome.patch(tiny("vivit"), r=(2, 1))  # 3 layers: two ints are not a schedule, nor an inflection
+
+
+def test_numpy_integers_are_accepted_as_ints():
+    np = pytest.importorskip("numpy")
+    model = vtome.patch(tiny("vivit"), r=np.int64(2), start_layer=np.int64(1), seed=np.int64(3))
+    s = vtome.settings(model)
+    s.layers = [np.int64(1), np.int64(2)]
+    s.duplicate = {np.int64(1): np.int64(1)}
+    assert type(s.r) is int and s.layers == (1, 2) and s.duplicate == {1: 1} and type(s.seed) is int
+    s.r = [np.int64(1)] * 3
+    assert s.r == (1, 1, 1)
+
+
+def test_position_merge_is_refused_where_tokens_have_no_positions():
+    with pytest.raises(ValueError, match="position_merge.*rotary positions"):
+        vtome.patch(tiny("videomae"), r=2, position_merge="destination")
+    s = vtome.settings(vtome.patch(tiny("videomae"), r=2))
+    assert s.position_merge is None
+    with pytest.raises(ValueError, match="rotary positions"):
+        s.position_merge = "destination"
+
+
+def test_frozen_dict_cannot_be_refilled():
+    s = vtome.settings(vtome.patch(tiny("vivit"), r=2, duplicate={0: 1}))
+    s.duplicate.__init__({0: 5})
+    assert s.duplicate == {0: 1} and s.plan.steps[0] == 2
+
+
+def test_patching_a_subclass_leaves_its_output_capture_as_it_was():
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+    model = user_model()
+    key = str(type(model))
+    before = dict.get(_CAN_RECORD_REGISTRY, key, "absent")
+    vtome.patch(model, r=2)
+    vtome.unpatch(model)
+    assert dict.get(_CAN_RECORD_REGISTRY, key, "absent") == before
+
+
+def test_unmerge_before_any_forward_says_so():
+    model = vtome.patch(tiny("vivit"), r=2)
+    with pytest.raises(ValueError, match="none has run yet"):
+        vtome.unmerge(model, torch.zeros(2, 59, 64))
+    model_r0 = vtome.patch(tiny("vivit"), r=0)
+    logits(model_r0, clip(model_r0))
+    with pytest.raises(ValueError, match="had batch 2"):
+        vtome.unmerge(model_r0, torch.zeros(3, input_tokens(model_r0), 64))
+
+
+def test_a_budget_no_layer_can_use_resolves_to_r0():
+    from vtome.flops import BudgetWarning
+
+    with pytest.warns(BudgetWarning, match="no layer can merge"):
+        model = vtome.patch(tiny("vivit"), flops=0.5, layers=[])
+    assert vtome.settings(model).r == 0

@@ -40,7 +40,6 @@ model, and keeps no state. Under ``torch.compile`` it traces to one graph with n
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -91,10 +90,10 @@ class Merge:
     dest: Tensor | None = None  # [G, N] output token of each input token, -1 where it is discarded
     discards: bool = False  # some token is discarded (drop modes, hybrid)
 
-    @functools.cached_property
+    @property
     def flat(self) -> Tensor:
         """``[G * N]`` rows of ``dest`` in the flattened output; discarded tokens -> ``G * (N - r)`` (a spare
-        row). Computed on first use (a model's merge step applies ``dest`` in its own token order instead)."""
+        row). (A model's merge step applies ``dest`` in its own token order instead.)"""
         return group_index(self.dest, self.dest.shape[1] - self.r, self.discards)
 
     @property

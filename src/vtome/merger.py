@@ -59,7 +59,8 @@ class RunInfo:
     ``source``: ``[B, N, N0]`` which input tokens each output token covers (with ``trace_source=True``);
     ``index``: ``[B, N0]`` (long) the output token covering each input token, -1 where it was dropped (None if
     nothing was merged); :func:`vtome.unmerge` uses it. All detached.
-    ``flop_ratio``: unpatched / patched transformer FLOPs of this forward (:class:`vtome.flops.FlopModel`).
+    ``flop_ratio``: unpatched / patched transformer FLOPs of this forward (:class:`vtome.flops.FlopModel`);
+    ``batch``: clips in the forward.
     """
 
     input_tokens: int = 0
@@ -68,6 +69,7 @@ class RunInfo:
     source: Tensor | None = None
     index: Tensor | None = None
     flop_ratio: float = 1.0
+    batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -190,10 +192,6 @@ class Merger:
         self.run = RunInfo()
         self._checked: tuple[Plan, int] | None = None  # the plan and clip size last checked for capping
 
-    def merges(self) -> bool:
-        """Whether any layer will merge."""
-        return self.settings.plan.merges
-
     def bias(self, track: Track, dtype: torch.dtype) -> Tensor | None:
         """Proportional-attention mask ``[B, 1, 1, N]`` (``log(size)``), or None when not needed."""
         if not self.settings.plan.prop_attn or track.size is None:
@@ -217,7 +215,7 @@ class Merger:
             source = torch.eye(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1, -1)
         return Track(source=source, positions=positions)
 
-    def record(self, input_tokens: int, tokens_per_layer: list[int], track: Track) -> None:
+    def record(self, input_tokens: int, tokens_per_layer: list[int], track: Track, batch: int = 0) -> None:
         """Replace :attr:`run` with the record of the forward that just ended (tensors detached); warn about
         layers that were asked to merge more than half their tokens (eager forwards; a budget caps knowingly)."""
         if torch.compiler.is_exporting():
@@ -228,7 +226,7 @@ class Merger:
         ratio = self.flop_model.ratio(input_tokens, tokens_per_layer)
         tokens = tokens_per_layer[-1] if tokens_per_layer else input_tokens
         index = self.layout.global_index(track.index, tokens)
-        self.run = RunInfo(input_tokens, tokens_per_layer, track.size, track.source, index, ratio)
+        self.run = RunInfo(input_tokens, tokens_per_layer, track.size, track.source, index, ratio, batch)
 
     def _warn_capped(self, input_tokens: int) -> None:
         """Warn once per plan and clip size (a diagnostic: it changes nothing the model computes)."""
@@ -282,7 +280,7 @@ def encode(
             each(hidden_states, out)
         hidden_states, track = out[0], out[1].detach()
         counts.append(hidden_states.shape[1])
-    merger.record(input_tokens, counts, track)
+    merger.record(input_tokens, counts, track, hidden_states.shape[0])
     return Encoded(hidden_states, track)
 
 
