@@ -336,8 +336,8 @@ def _bench_suite(args: argparse.Namespace) -> int:
         device=args.device or defaults.device,
         dtype=args.dtype or defaults.dtype,
         flops=defaults.flops if args.flops is None else args.flops,
-        warmup=args.warmup or defaults.warmup,
-        repeats=args.repeats or defaults.repeats,
+        warmup=defaults.warmup if args.warmup is None else args.warmup,
+        repeats=defaults.repeats if args.repeats is None else args.repeats,
     )
     cfg.validate()
     transformers.utils.logging.disable_progress_bar()
