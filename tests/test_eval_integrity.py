@@ -462,7 +462,8 @@ def test_disk_full_keeps_finished_predictions_and_says_how_to_resume(root, tmp_p
         run_eval(EvalConfig(model=copy_model(), dataset="folder", root=str(root), out=str(tmp_path), batch_size=1))
     monkeypatch.setattr(Path, "open", real_open)
     assert (tmp_path / "predictions.jsonl").read_text().count("\n") == 1  # one record and a torn one
-    summary = run_eval(EvalConfig(model=copy_model(), dataset="folder", root=str(root), out=str(tmp_path)))
+    with pytest.warns(EvalWarning, match="cut off a torn last line"):  # the cut-off record is evaluated again
+        summary = run_eval(EvalConfig(model=copy_model(), dataset="folder", root=str(root), out=str(tmp_path)))
     assert summary["num_evaluated"] == 4 and len(records(tmp_path)) == 4
 
 

@@ -41,16 +41,18 @@ class CalibrateConfig:
     repeats: int = 5
     threads: int | None = None
     max_batch_size: int = 64
+    extra: dict = field(default_factory=dict)  # further vtome.patch keyword arguments (start_layer, order, ...)
 
     def validate(self) -> None:
+        """``ValueError`` naming the field that is wrong (the CLI names its flag instead)."""
         if self.target_speedup is not None and self.flops is not None:
-            raise ValueError("give --target-speedup or --flops, not both")
+            raise ValueError("give target_speedup or flops, not both")
         if self.target_speedup is not None and not self.target_speedup > 1.0:
-            raise ValueError(f"--target-speedup must be > 1 (e.g. 2 for twice as fast); got {self.target_speedup}")
+            raise ValueError(f"target_speedup must be > 1 (e.g. 2 for twice as fast); got {self.target_speedup}")
         if self.flops is not None and not 0.0 < self.flops < 1.0:
-            raise ValueError(f"--flops is the fraction of FLOPs to keep, in (0, 1) (e.g. 0.5); got {self.flops}")
+            raise ValueError(f"flops is the fraction of the FLOPs to keep, in (0, 1) (e.g. 0.5); got {self.flops}")
         if self.batch_size < 1 or self.max_batch_size < self.batch_size:
-            raise ValueError(f"--batch-size must be >= 1 and <= --max-batch-size; got {self.batch_size}")
+            raise ValueError(f"batch_size must be >= 1 and <= max_batch_size; got {self.batch_size}")
 
     def bench(self, rs: list[int], batch_size: int) -> BenchConfig:
         return BenchConfig(
@@ -64,11 +66,13 @@ class CalibrateConfig:
             warmup=self.warmup,
             repeats=self.repeats,
             threads=self.threads,
+            extra=dict(self.extra),
         )
 
 
-def r_for_budgets(model_name: str, budgets: list[float]) -> dict[float, int]:
-    """The constant ``r`` each FLOP budget resolves to for ``model_name`` (:func:`vtome.patch` ``flops=``)."""
+def r_for_budgets(model_name: str, budgets: list[float], **patch_kwargs: object) -> dict[float, int]:
+    """The constant ``r`` each FLOP budget resolves to for ``model_name`` (:func:`vtome.patch` ``flops=``,
+    with ``patch_kwargs`` such as ``start_layer`` or ``layers`` that change the resolution)."""
     from vtome.zoo import load_model
 
     base = load_model(model_name)
@@ -76,7 +80,7 @@ def r_for_budgets(model_name: str, budgets: list[float]) -> dict[float, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BudgetWarning)
         for budget in budgets:
-            chosen[budget] = vtome.settings(vtome.patch(copy.deepcopy(base), flops=budget)).r
+            chosen[budget] = vtome.settings(vtome.patch(copy.deepcopy(base), flops=budget, **patch_kwargs)).r
     return chosen
 
 
@@ -101,7 +105,7 @@ def calibrate(cfg: CalibrateConfig, on_step: Callable[[str], None] | None = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CapWarning)
         budgets = [cfg.flops] if cfg.flops is not None else list(cfg.ladder)
-        chosen = r_for_budgets(cfg.model, budgets)
+        chosen = r_for_budgets(cfg.model, budgets, mode=cfg.mode, **cfg.extra)
         rs = sorted(set(chosen.values()) - {0})
         if not rs:
             raise ValueError(f"no budget in {budgets} makes {cfg.model} merge anything")

@@ -2,13 +2,14 @@
 
 For every bundled model (``checkpoints.FAMILIES``) the demo measures, on the same held-out clips:
 
-- ``curve``: appearance and temporal accuracy of every reduction mode at several FLOP reductions (the
-  paper's Figure 3), unpatched as the reference; ``main`` is its slice at the target reduction;
+- ``curve``: appearance and temporal accuracy of every reduction mode at several FLOP budgets (``flops``,
+  the fraction of the unpatched FLOPs kept; the paper's Figure 3), unpatched as the reference; ``main`` is its
+  slice at the main budget;
 - ``speed``: measured speedups by the benchmark's interleaved method (:func:`vtome.bench.time_interleaved`:
   the unpatched model and every variant alternate in rotating rounds; medians), for the main table and the
   scheme comparison;
 - ``order``: the published A/B order against the spatial order (merge mode);
-- ``schemes``: merge and hybrid at two reductions, and for divided space-time models per-frame against
+- ``schemes``: merge and hybrid at two budgets, and for divided space-time models per-frame against
   aligned matching;
 - ``placement``: merging in all layers, the first half or the second half, at equal FLOPs.
 
@@ -44,10 +45,11 @@ class DemoConfig:
     """What ``vtome demo`` measures; the defaults are the full run (a few minutes on 2 CPU cores)."""
 
     clips: int = 450  # held-out clips per model (30 per class)
-    ratios: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0)  # FLOP reductions on the curve
-    target: float = 2.0  # the main table's reduction
-    second: float = 2.5  # the scheme tables' second reduction
-    placement_ratio: float = 1.25  # reduction at which merging placements are compared (every half reaches it)
+    # FLOP budgets: the fraction of the unpatched FLOPs kept (vtome.patch(model, flops=...))
+    budgets: tuple[float, ...] = (2 / 3, 0.5, 0.4, 1 / 3)  # the curve's budgets (1.5x to 3x fewer FLOPs)
+    flops: float = 0.5  # the main table's budget
+    second_flops: float = 0.4  # the scheme tables' second budget
+    placement_flops: float = 0.8  # budget at which merging placements are compared (every half reaches it)
     threshold: float = 0.8  # hybrid: the paper's VideoMAE value
     batch_size: int = 50
     seed: int = 0  # data seed of the bundled models' held-out split
@@ -61,7 +63,7 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> DemoConfig:
         """The quick check: fewer clips, reductions and timing rounds; the main table, curve, speed and schemes."""
-        return cls(clips=150, ratios=(1.5, 2.0, 2.5), time_rounds=7, time_warmup=1, sections=("curve", "schemes"))
+        return cls(clips=150, budgets=(2 / 3, 0.5, 0.4), time_rounds=7, time_warmup=1, sections=("curve", "schemes"))
 
 
 @dataclass
@@ -131,11 +133,11 @@ class ModelRun:
             warnings.simplefilter("ignore", BudgetWarning)
             return vtome.patch(copy.deepcopy(self.base), **setting)
 
-    def setting(self, ratio: float | None = None, mode: str = "merge", **extra: object) -> dict:
-        """Patch arguments for ``mode`` at ``ratio`` x fewer FLOPs (None: unpatched)."""
-        if ratio is None:
+    def setting(self, flops: float | None = None, mode: str = "merge", **extra: object) -> dict:
+        """Patch arguments for ``mode`` keeping the fraction ``flops`` of the FLOPs (None: unpatched)."""
+        if flops is None:
             return {}
-        s = {"mode": mode, "flops": 1.0 / ratio, **extra}
+        s = {"mode": mode, "flops": flops, **extra}
         if mode == "hybrid":
             s["threshold"] = self.cfg.threshold
         if mode.startswith("random"):
@@ -210,12 +212,12 @@ def run_demo(cfg: DemoConfig, on_step: Callable[[str], None] | None = None) -> d
         step(f"{checkpoints.FAMILIES[family]}: generating {cfg.clips} held-out clips")
         run = ModelRun(family, cfg)
         runs.append(run)
-        ratios = sorted({*cfg.ratios, cfg.target})
-        out["curve"].append(run.result({}).row(target=1.0))
+        budgets = _budgets(cfg)
+        out["curve"].append(run.result({}).row(flops=1.0))
         for mode in MODES:
-            step(f"{run.name}: {mode} at {', '.join(f'{r:g}x' for r in ratios)}")
-            out["curve"] += [run.result(run.setting(ratio, mode)).row(target=ratio) for ratio in ratios]
-        main = [{}] + [run.setting(cfg.target, mode) for mode in MODES]
+            step(f"{run.name}: {mode} at flops {', '.join(f'{f:.2g}' for f in budgets)}")
+            out["curve"] += [run.result(run.setting(f, mode)).row(flops=f) for f in budgets]
+        main = [{}] + [run.setting(cfg.flops, mode) for mode in MODES]
         schemes = _scheme_settings(run, cfg) if "schemes" in cfg.sections else []
         timed: dict[str, dict] = {}
         if cfg.timing:
@@ -224,21 +226,21 @@ def run_demo(cfg: DemoConfig, on_step: Callable[[str], None] | None = None) -> d
             timed = run.speedups(main[1:] + extra)
             for s in main + extra:
                 out["speed"].append({**run.result(s).row(), **timed[_key(s)], "batch_size": cfg.time_batch})
-        out["main"] += [run.result(s).row(target=cfg.target, **_speed(timed, s)) for s in main]
+        out["main"] += [run.result(s).row(flops=cfg.flops if s else 1.0, **_speed(timed, s)) for s in main]
         if "order" in cfg.sections:
             step(f"{run.name}: matching orders")
-            for ratio in (cfg.target, cfg.second):
+            for flops in (cfg.flops, cfg.second_flops):
                 for order in ("paper", "spatial"):
-                    s = run.setting(ratio, "merge", **({"order": order} if order != "paper" else {}))
-                    out["order"].append(run.result(s).row(target=ratio, order=order))
-        for s, ratio in schemes:
-            out["schemes"].append(run.result(s).row(target=ratio, **_speed(timed, s)))
+                    s = run.setting(flops, "merge", **({"order": order} if order != "paper" else {}))
+                    out["order"].append(run.result(s).row(flops=flops, order=order))
+        for s, flops in schemes:
+            out["schemes"].append(run.result(s).row(flops=flops, **_speed(timed, s)))
         if "placement" in cfg.sections:
             step(f"{run.name}: merging placements")
             n = run.base.config.num_hidden_layers
             for label, layers in placement_layers(n).items():
-                s = run.setting(cfg.placement_ratio, "merge", **({"layers": layers} if layers else {}))
-                out["placement"].append(run.result(s).row(target=cfg.placement_ratio, placement=label))
+                s = run.setting(cfg.placement_flops, "merge", **({"layers": layers} if layers else {}))
+                out["placement"].append(run.result(s).row(flops=cfg.placement_flops, placement=label))
     out["reading"] = reading(runs, cfg)
     out["config"] = asdict(cfg)
     return out
@@ -251,14 +253,19 @@ def placement_layers(num_layers: int) -> dict[str, list[int] | None]:
 
 
 def _scheme_settings(run: ModelRun, cfg: DemoConfig) -> list[tuple[dict, float]]:
-    """Merge and hybrid at the two reductions; per-frame and aligned for a divided space-time model."""
+    """Merge and hybrid at the two budgets; per-frame and aligned for a divided space-time model."""
     schemes = ("per_frame", "aligned") if run.divided else (None,)
     return [
-        (run.setting(ratio, mode, **({"divided": d} if d == "aligned" else {})), ratio)
-        for ratio in (cfg.target, cfg.second)
+        (run.setting(flops, mode, **({"divided": d} if d == "aligned" else {})), flops)
+        for flops in (cfg.flops, cfg.second_flops)
         for mode in ("merge", "hybrid")
         for d in schemes
     ]
+
+
+def _budgets(cfg: DemoConfig) -> list[float]:
+    """The curve's budgets and the main table's, largest (least merging) first."""
+    return sorted({*cfg.budgets, cfg.flops}, reverse=True)
 
 
 def _speed(timed: dict, setting: dict) -> dict:
@@ -267,21 +274,21 @@ def _speed(timed: dict, setting: dict) -> dict:
 
 
 def reading(runs: list[ModelRun], cfg: DemoConfig, tol: float = 0.02) -> list[str]:
-    """A few sentences reading the curve: which mode wins at the target reduction and by how much (paired,
+    """A few sentences reading the curve: which mode wins at the main budget and by how much (paired,
     ±2 standard errors), how far each mode goes within ``tol`` of unpatched, and joint vs divided."""
     lines = []
-    ratios = sorted({*cfg.ratios, cfg.target})
+    budgets = _budgets(cfg)
     for run in runs:
-        none, merge = run.result({}), run.result(run.setting(cfg.target, "merge"))
+        none, merge = run.result({}), run.result(run.setting(cfg.flops, "merge"))
         for family in ("temporal", "appearance"):
             others = [
-                (mode, *paired_gap(merge, run.result(run.setting(cfg.target, mode)), family)) for mode in MODES[1:]
+                (mode, *paired_gap(merge, run.result(run.setting(cfg.flops, mode)), family)) for mode in MODES[1:]
             ]
             head = (
-                f"{run.name}, {family} classes at {cfg.target:g}x fewer FLOPs: merge {merge.acc(family):.1%} "
+                f"{run.name}, {family} classes at flops {cfg.flops:.2g}: merge {merge.acc(family):.1%} "
                 f"(unpatched {none.acc(family):.1%})"
             )
-            if all(abs(run.result(run.setting(cfg.target, m)).acc(family) - none.acc(family)) < tol for m in MODES):
+            if all(abs(run.result(run.setting(cfg.flops, m)).acc(family) - none.acc(family)) < tol for m in MODES):
                 lines.append(f"{head}; every mode within {tol * 100:.0f} points of unpatched.")
                 continue
             parts = []
@@ -295,9 +302,9 @@ def reading(runs: list[ModelRun], cfg: DemoConfig, tol: float = 0.02) -> list[st
             lines.append(f"{head}; merge " + ", ".join(parts) + " pts.")
         held = []
         for mode in MODES:
-            ok = [r for r in ratios if _within(run, none, mode, r, tol)]
-            reach = ok[-1] if ok and ok == ratios[: len(ok)] else None
-            held.append(f"{mode} to {reach:g}x" if reach else f"{mode} not at {ratios[0]:g}x")
+            ok = [f for f in budgets if _within(run, none, mode, f, tol)]
+            reach = ok[-1] if ok and ok == budgets[: len(ok)] else None
+            held.append(f"{mode} down to flops {reach:.2g}" if reach else f"{mode} not at flops {budgets[0]:.2g}")
         lines.append(
             f"{run.name} stays within {tol * 100:.0f} points of unpatched on both class families: "
             + ", ".join(held)
@@ -306,19 +313,19 @@ def reading(runs: list[ModelRun], cfg: DemoConfig, tol: float = 0.02) -> list[st
     if len(runs) > 1:
         losses = []
         for run in runs:
-            none, merge = run.result({}), run.result(run.setting(cfg.target, "merge"))
+            none, merge = run.result({}), run.result(run.setting(cfg.flops, "merge"))
             losses.append((run.name, merge.acc("temporal") - none.acc("temporal")))
         worst = min(losses, key=lambda x: x[1])
         lines.append(
-            f"Temporal classes, merge at {cfg.target:g}x vs unpatched: "
+            f"Temporal classes, merge at flops {cfg.flops:.2g} vs unpatched: "
             + ", ".join(f"{name} {_pts(loss)}" for name, loss in losses)
             + f"; {worst[0]} loses the most."
         )
     return lines
 
 
-def _within(run: ModelRun, none: Result, mode: str, ratio: float, tol: float) -> bool:
-    res = run.result(run.setting(ratio, mode))
+def _within(run: ModelRun, none: Result, mode: str, flops: float, tol: float) -> bool:
+    res = run.result(run.setting(flops, mode))
     return all(res.acc(f) >= none.acc(f) - tol for f in ("appearance", "temporal"))
 
 
@@ -364,7 +371,7 @@ def write_visualizations(
     out: str, cfg: DemoConfig, shown_class: str = "moving right", families: Iterable[str] | None = None
 ) -> list[str]:
     """Merge pictures of the first held-out clip of ``shown_class`` for each bundled model (merge mode at the
-    target reduction): PNG (frames over their merge groups), GIF and MP4 under ``out``; returns the PNGs."""
+    main budget): PNG (frames over their merge groups), GIF and MP4 under ``out``; returns the PNGs."""
     from vtome.data.transforms import preprocess_for
     from vtome.demo.synth import CLASSES, label_of
     from vtome.visualize import clip_from_frames, describe, display_scale, save_visualization, visualize_clip
@@ -378,13 +385,13 @@ def write_visualizations(
         clip, label = make_clip(cfg.seed, "test", index, ClipSpec(model.config.num_frames, model.config.image_size))
         frames = (clip.permute(0, 2, 3, 1) * 255).round().byte().numpy()
         shown = clip_from_frames(frames, preprocess_for(model, model_source(name)))
-        setting = {"flops": 1.0 / cfg.target}
+        setting = {"flops": cfg.flops}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", BudgetWarning)
             scale = display_scale(adapter_for(model).token_positions(model)[2])
             drawn, groups = visualize_clip(model, shown, fill="colour", scale=scale, **setting)
             caption = describe(model, name, groups, **setting)
-        caption += f" · {cfg.target:g}x fewer FLOPs · held-out clip {index}: {CLASSES[label]}"
+        caption += f" · flops {cfg.flops:.2g} · held-out clip {index}: {CLASSES[label]}"
         paths = save_visualization(shown.display, drawn, out, caption, name=f"{name}_merges", fill="colour")
         written.append(str(paths["png"]))
     return written
