@@ -80,30 +80,9 @@ def _check_bench_options(args: argparse.Namespace, cfg: object) -> None:
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             check_output_file(path, flag)
-    from vtome.zoo import load_config
+    from vtome.bench import check_input_memory
 
-    config = load_config(args.model)
-    if config is None:
-        return
-    import torch
-
-    from vtome.adapters.inputs import clip_shape
-    from vtome.bench import DTYPES
-
-    frames, channels, size = clip_shape(config)
-    per_clip = frames * channels * size * size * DTYPES[cfg.dtype].itemsize
-    if cfg.device.startswith("cuda"):
-        total = torch.cuda.get_device_properties(torch.device(cfg.device)).total_memory
-    else:
-        from vtome.evaluate import _physical_memory
-
-        total = _physical_memory()
-    need = max(cfg.batch_sizes) * per_clip * 2
-    if total and need > total // 2:
-        raise ValueError(
-            f"--batch-size {max(cfg.batch_sizes)} needs at least {need / 2**30:.1f} GiB for its input clips alone "
-            f"({cfg.device} has {total / 2**30:.1f} GiB); use smaller batch sizes"
-        )
+    check_input_memory(cfg.model, cfg.batch_sizes, cfg.device, cfg.dtype)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -328,11 +307,15 @@ def _demo(args: argparse.Namespace) -> int:
     from vtome.demo.run import DemoConfig, plot_curves, run_demo, write_visualizations
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    clips = cfg.clips if args.clips is None else args.clips
     cfg = dataclasses.replace(
-        cfg, clips=args.clips or cfg.clips, target=args.flop_ratio, threshold=args.threshold, timing=not args.no_timing
+        cfg, clips=clips, target=args.flop_ratio, threshold=args.threshold, timing=not args.no_timing
     )
-    if cfg.clips < 15 or cfg.target <= 1.0:
-        raise ValueError("--clips must be >= 15 (one clip per class) and --flop-ratio > 1")
+    cfg.validate()
+    if args.json:
+        check_output_file(args.json, "--json")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file, not a folder; choose a folder name")
     out = Console(width=None if Console().is_terminal else 140)
     ratios = ", ".join(f"{r:g}x" for r in cfg.ratios)
     out.print(
@@ -488,7 +471,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from vtome.sweep import run_sweep, settings_grid
+    from vtome.sweep import run_sweep, sweep_grid
 
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in ("merge", "drop", "random_merge", "random_drop", "hybrid")]
@@ -499,13 +482,7 @@ def _sweep(args: argparse.Namespace) -> int:
             f"--modes must list merge, drop, random_merge, random_drop or hybrid and --r at least one "
             f"value; got modes {args.modes!r}, r {args.r}"
         )
-    if args.placements:
-        from vtome.sweep import placement_grid
-        from vtome.zoo import load_model
-
-        grid = placement_grid(args.r, modes, load_model(args.model).config.num_hidden_layers)
-    else:
-        grid = settings_grid(args.r, modes, args.start_layers, args.layers)
+    grid = sweep_grid(args.model, args.r, modes, args.start_layers, args.layers, args.placements)
     with _progress() as progress:
         update = _eval_progress(progress, "sweep")
         rows = run_sweep(_eval_config(args), grid, eval_progress=update)

@@ -110,6 +110,39 @@ def placement_grid(rs: list[int], modes: list[str], num_layers: int) -> list[dic
     return grid
 
 
+def sweep_grid(
+    model: str | torch.nn.Module,
+    rs: list[int],
+    modes: list[str],
+    start_layers: list[int] | None = None,
+    layers: list[int] | None = None,
+    placement: bool = False,
+) -> list[dict]:
+    """The settings of a sweep: :func:`settings_grid`, or with ``placement`` :func:`placement_grid` (which
+    chooses the merging layers itself, so ``layers`` and ``start_layers`` other than ``[0]`` are refused
+    rather than ignored). A value listed twice is refused too."""
+    for flag, values in (("--r", rs), ("--modes", modes), ("--start-layers", start_layers or [])):
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise ValueError(f"{flag} lists {twice} twice; give each value once")
+    if not placement:
+        return settings_grid(rs, modes, start_layers, layers)
+    if layers is not None:
+        raise ValueError(
+            "--layers has no effect with --placements, which compares its own layer sets (all, halves, thirds); "
+            "drop one of the two"
+        )
+    if start_layers not in (None, [0]):
+        raise ValueError(
+            f"--start-layers {','.join(map(str, start_layers))} has no effect with --placements, which compares its "
+            "own layer sets (all, halves, thirds); drop one of the two"
+        )
+    from vtome.zoo import load_model
+
+    probe = model if isinstance(model, torch.nn.Module) else load_model(model)
+    return placement_grid(rs, modes, probe.config.num_hidden_layers)
+
+
 # EvalConfig fields that do not change a prediction (every other field, new ones included, names the folder).
 _NOT_SETTINGS = ("out", "batch_size", "workers", "limit", "progress")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import statistics
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -57,6 +58,42 @@ class DemoConfig:
     time_warmup: int = 2
     sections: tuple[str, ...] = ("curve", "order", "schemes", "placement")
     families: tuple[str, ...] | None = None  # default: every bundled model
+
+    def validate(self) -> None:
+        """``ValueError`` naming the option for any setting that could not take effect as given."""
+
+        def whole(value: object, least: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+        def reduction(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and 1.0 < value < math.inf
+
+        if not whole(self.clips, 15):
+            raise ValueError(f"--clips must be an integer >= 15 (one clip per class); got {self.clips!r}")
+        if not reduction(self.target):
+            raise ValueError(
+                f"--flop-ratio must be a finite number > 1 (e.g. 2 for half the FLOPs); got {self.target!r}"
+            )
+        for name, value in (("second", self.second), ("placement_ratio", self.placement_ratio)):
+            if not reduction(value):
+                raise ValueError(f"{name} must be a finite number > 1; got {value!r}")
+        if not self.ratios or not all(reduction(r) for r in self.ratios):
+            raise ValueError(f"ratios must be finite numbers > 1; got {self.ratios!r}")
+        if isinstance(self.threshold, bool) or not (
+            isinstance(self.threshold, (int, float)) and -1.0 <= self.threshold <= 1.0
+        ):
+            raise ValueError(f"--threshold is a cosine similarity, in [-1, 1]; got {self.threshold!r}")
+        for name, value, least in (
+            ("batch_size", self.batch_size, 1),
+            ("time_batch", self.time_batch, 1),
+            ("time_rounds", self.time_rounds, 1),
+            ("time_warmup", self.time_warmup, 0),
+        ):
+            if not whole(value, least):
+                raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
+        unknown = [f for f in self.families or () if f not in checkpoints.FAMILIES]
+        if unknown:
+            raise ValueError(f"families must be among {', '.join(checkpoints.FAMILIES)}; got {unknown}")
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -203,6 +240,7 @@ def _key(setting: dict) -> str:
 def run_demo(cfg: DemoConfig, on_step: Callable[[str], None] | None = None) -> dict:
     """Every section of the demo for every bundled model: ``{section: rows}``, ``reading`` (sentences) and
     ``config``. Sections: ``main``, ``curve``, ``speed``, ``order``, ``schemes``, ``placement``."""
+    cfg.validate()
     step = on_step or (lambda _msg: None)
     out: dict[str, list] = {"main": [], "curve": [], "speed": [], "order": [], "schemes": [], "placement": []}
     runs = []
@@ -240,8 +278,43 @@ def run_demo(cfg: DemoConfig, on_step: Callable[[str], None] | None = None) -> d
                 s = run.setting(cfg.placement_ratio, "merge", **({"layers": layers} if layers else {}))
                 out["placement"].append(run.result(s).row(target=cfg.placement_ratio, placement=label))
     out["reading"] = reading(runs, cfg)
+    out["notes"] = short_of_target(out["main"], cfg.target) + short_of_target(out["placement"], cfg.placement_ratio)
     out["config"] = asdict(cfg)
     return out
+
+
+def reached(ratio: float, target: float) -> bool:
+    """Whether a FLOP ratio reached ``target`` (a budget is met or exceeded; rounding aside)."""
+    return ratio >= target * (1 - 1e-3)
+
+
+def short_of_target(rows: list[dict], target: float) -> list[str]:
+    """One sentence per model whose merged rows stop short of ``target`` x fewer FLOPs (merging saturates)."""
+    notes = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        short = [
+            r for r in rows if r["model"] == model and r["mode"] != "none" and not reached(r["flop_ratio"], target)
+        ]
+        if short:
+            most = max(r["flop_ratio"] for r in short)
+            notes.append(
+                f"{model}: {target:g}x fewer FLOPs cannot be reached; merging saturates at {most:.2f}x "
+                f"({len(short)} setting(s)), and the tables show what was reached"
+            )
+    return notes
+
+
+def reached_title(rows: list[dict], target: float) -> str:
+    """``~2x fewer FLOPs`` when every merged row reached ``target``, else what each model reached."""
+    merged = [r for r in rows if r["mode"] != "none"]
+    if all(reached(r["flop_ratio"], target) for r in merged):
+        return f"~{target:g}x fewer FLOPs"
+    per_model = {
+        m: min(r["flop_ratio"] for r in merged if r["model"] == m) for m in dict.fromkeys(r["model"] for r in merged)
+    }
+    return f"{target:g}x fewer FLOPs asked, not reached (merging saturates): " + ", ".join(
+        f"{m} {v:.2f}x" for m, v in per_model.items()
+    )
 
 
 def placement_layers(num_layers: int) -> dict[str, list[int] | None]:
@@ -278,8 +351,8 @@ def reading(runs: list[ModelRun], cfg: DemoConfig, tol: float = 0.02) -> list[st
                 (mode, *paired_gap(merge, run.result(run.setting(cfg.target, mode)), family)) for mode in MODES[1:]
             ]
             head = (
-                f"{run.name}, {family} classes at {cfg.target:g}x fewer FLOPs: merge {merge.acc(family):.1%} "
-                f"(unpatched {none.acc(family):.1%})"
+                f"{run.name}, {family} classes at {_reached(merge.flop_ratio, cfg.target)} fewer FLOPs: merge "
+                f"{merge.acc(family):.1%} (unpatched {none.acc(family):.1%})"
             )
             if all(abs(run.result(run.setting(cfg.target, m)).acc(family) - none.acc(family)) < tol for m in MODES):
                 lines.append(f"{head}; every mode within {tol * 100:.0f} points of unpatched.")
@@ -297,7 +370,8 @@ def reading(runs: list[ModelRun], cfg: DemoConfig, tol: float = 0.02) -> list[st
         for mode in MODES:
             ok = [r for r in ratios if _within(run, none, mode, r, tol)]
             reach = ok[-1] if ok and ok == ratios[: len(ok)] else None
-            held.append(f"{mode} to {reach:g}x" if reach else f"{mode} not at {ratios[0]:g}x")
+            got = run.result(run.setting(reach or ratios[0], mode)).flop_ratio
+            held.append(f"{mode} to {_reached(got, reach)}" if reach else f"{mode} not at {_reached(got, ratios[0])}")
         lines.append(
             f"{run.name} stays within {tol * 100:.0f} points of unpatched on both class families: "
             + ", ".join(held)
@@ -310,11 +384,16 @@ def reading(runs: list[ModelRun], cfg: DemoConfig, tol: float = 0.02) -> list[st
             losses.append((run.name, merge.acc("temporal") - none.acc("temporal")))
         worst = min(losses, key=lambda x: x[1])
         lines.append(
-            f"Temporal classes, merge at {cfg.target:g}x vs unpatched: "
+            f"Temporal classes, merge at {cfg.target:g}x fewer FLOPs (or as near as each model gets) vs unpatched: "
             + ", ".join(f"{name} {_pts(loss)}" for name, loss in losses)
             + f"; {worst[0]} loses the most."
         )
     return lines
+
+
+def _reached(ratio: float, target: float) -> str:
+    """``2x`` when ``ratio`` reached ``target``, else ``3.15x (of 1000x asked)``."""
+    return f"{target:g}x" if reached(ratio, target) else f"{ratio:.2f}x (of {target:g}x asked)"
 
 
 def _within(run: ModelRun, none: Result, mode: str, ratio: float, tol: float) -> bool:
@@ -384,7 +463,12 @@ def write_visualizations(
             scale = display_scale(adapter_for(model).token_positions(model)[2])
             drawn, groups = visualize_clip(model, shown, fill="colour", scale=scale, **setting)
             caption = describe(model, name, groups, **setting)
-        caption += f" · {cfg.target:g}x fewer FLOPs · held-out clip {index}: {CLASSES[label]}"
+            patched = vtome.patch(copy.deepcopy(model), **setting)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", CapWarning)
+            patched(pixel_values=shown.pixel_values)
+        got = vtome.last_run(patched).flop_ratio
+        caption += f" · {_reached(got, cfg.target)} fewer FLOPs · held-out clip {index}: {CLASSES[label]}"
         paths = save_visualization(shown.display, drawn, out, caption, name=f"{name}_merges", fill="colour")
         written.append(str(paths["png"]))
     return written
