@@ -147,6 +147,8 @@ def check_comparable(before: str | Path, after: str | Path) -> None:
 
     manifests, limits = [], []
     for run in (before, after):
+        if not Path(run).exists():
+            raise FileNotFoundError(f"{run} does not exist; pass the --out folder of a `vtome eval` run")
         folder = _eval_folder(run)
         path = folder / MANIFEST
         try:

@@ -53,8 +53,8 @@ class CalibrateConfig:
             raise ValueError(f"--target-speedup must be > 1 (e.g. 2 for twice as fast); got {self.target_speedup}")
         if self.flops is not None and not 0.0 < self.flops < 1.0:
             raise ValueError(f"--flops is the fraction of FLOPs to keep, in (0, 1) (e.g. 0.5); got {self.flops}")
-        if not whole(self.batch_size) or self.batch_size < 1:
-            raise ValueError(f"--batch-size must be an integer >= 1; got {self.batch_size!r}")
+        if not whole(self.batch_size) or not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"--batch-size must be an integer from 1 to {MAX_BATCH_SIZE}; got {self.batch_size!r}")
         if not whole(self.max_batch_size) or not self.batch_size <= self.max_batch_size <= MAX_BATCH_SIZE:
             raise ValueError(
                 f"--max-batch-size must be an integer from --batch-size ({self.batch_size}) to {MAX_BATCH_SIZE}; "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
@@ -309,8 +310,13 @@ def model_identity(model: nn.Module, name: str | nn.Module) -> dict:
         h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         if tensor.is_meta:
             raise ValueError(f"{key} of {name!r} has no values (a meta tensor); load the model's weights first")
-        data = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(data.view(torch.uint8).numpy() if data.numel() else b"")
+        try:
+            data = tensor.detach().cpu().contiguous().reshape(-1)
+            h.update(data.view(torch.uint8).numpy() if data.numel() else b"")
+        except (RuntimeError, TypeError):  # sparse or quantized storage: hash its serialised form
+            buffer = io.BytesIO()
+            torch.save(tensor.detach().cpu(), buffer)
+            h.update(buffer.getvalue())
     return {"class": type(model).__name__, "fingerprint": h.hexdigest()[:32]}
 
 

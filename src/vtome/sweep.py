@@ -225,10 +225,12 @@ def run_sweep(
             row["speedup"] = row["clips_per_s"] / base_speed if base_speed and row["clips_per_s"] else None
         if rank == 0:
             try:
-                with (out / "sweep.csv").open("w", newline="") as f:
+                tmp = out / "sweep.csv.tmp"  # a kill mid-write leaves the previous sweep.csv whole
+                with tmp.open("w", newline="") as f:
                     writer = csv.DictWriter(f, fieldnames=COLUMNS)
                     writer.writeheader()
                     writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
+                tmp.replace(out / "sweep.csv")
                 title = f"{base.model if isinstance(base.model, str) else ''} {base.dataset}"
                 plot_sweep(rows, out / "sweep.png", title=title)
             except OSError as err:

@@ -33,6 +33,7 @@ import vtome
 from vtome.adapters import adapter_for
 from vtome.demo import checkpoints
 from vtome.demo.synth import ClipSpec, is_temporal, make_batch, make_clip, normalize
+from vtome.evaluate import _physical_memory
 from vtome.flops import BudgetWarning
 from vtome.merger import CapWarning
 
@@ -153,6 +154,13 @@ class ModelRun:
         self.family, self.name, self.cfg = family, checkpoints.FAMILIES[family], cfg
         self.base = checkpoints.load(family)
         spec = ClipSpec(frames=self.base.config.num_frames, size=self.base.config.image_size)
+        need = cfg.clips * spec.frames * 3 * spec.size**2 * 4 * 2  # the clips, and their normalised copy
+        total = _physical_memory()
+        if total and need > total // 2:
+            raise ValueError(
+                f"--clips {cfg.clips} needs {need / 2**30:.1f} GiB for {self.name}'s generated clips (this machine has "
+                f"{total / 2**30:.1f} GiB); use fewer --clips"
+            )
         with _threads(1):  # many small tensor ops: extra threads only wait on each other
             clips, labels = make_batch(cfg.seed, "test", range(cfg.clips), spec)
         self.clips, self.labels = normalize(clips), labels
