@@ -199,8 +199,18 @@ def test_options_that_would_have_no_effect_are_refused(root, tmp_path, capsys, m
     assert main([*args, "--sampling-rate", "2"]) == 2
     assert "--sampling-rate has no effect here: --dataset ssv2 samples segments" in capsys.readouterr().err
     assert main([*args, "--sampling-rate", "2", "--sampling", "dense"]) == 0
+    # merge options of an unpatched run, and a threshold without hybrid merging, change nothing
+    for extra, message in (
+        (["--mode", "drop"], "--mode drop has no effect with --r 0 (the model is evaluated unpatched)"),
+        (["--layers", "0"], "--layers [0] has no effect with --r 0"),
+        (["--order", "spatial"], "--order spatial has no effect with --r 0"),
+        (["--r", "2", "--threshold", "0.5"], "--threshold 0.5 has no effect without --mode hybrid"),
+    ):
+        assert main(["eval", *base, "--dataset", "folder", *extra, "--out", str(tmp_path / "e")]) == 2, extra
+        assert message in capsys.readouterr().err and not (tmp_path / "e").exists()
     sweep = ["sweep", *base, "--dataset", "folder", "--r", "0,2", "--out", str(tmp_path / "sw")]
     for extra, message in (
+        (["--threshold", "0.5"], "--threshold 0.5 has no effect without --mode hybrid"),
         (["--placements", "--layers", "0,1"], "--layers has no effect with --placements"),
         (["--placements", "--start-layers", "1"], "--start-layers 1 has no effect with --placements"),
         (["--modes", "merge,merge"], "--modes lists merge twice"),

@@ -428,9 +428,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vtome.evaluate import run_eval
+    from vtome.evaluate import check_merge_options, run_eval
 
     cfg = _eval_config(args, r=args.r, start_layer=args.start_layer, layers=args.layers)
+    check_merge_options(cfg)
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
         with _progress() as progress:
@@ -471,6 +472,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from vtome.evaluate import check_merge_options
     from vtome.sweep import run_sweep, sweep_grid
 
     modes = [m for m in args.modes.split(",") if m]
@@ -483,6 +485,7 @@ def _sweep(args: argparse.Namespace) -> int:
             f"value; got modes {args.modes!r}, r {args.r}"
         )
     grid = sweep_grid(args.model, args.r, modes, args.start_layers, args.layers, args.placements)
+    check_merge_options(_eval_config(args), modes)
     with _progress() as progress:
         update = _eval_progress(progress, "sweep")
         rows = run_sweep(_eval_config(args), grid, eval_progress=update)

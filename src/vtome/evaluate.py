@@ -151,6 +151,36 @@ class EvalConfig:
         }
 
 
+def check_merge_options(cfg: EvalConfig, modes: list[str] | None = None) -> None:
+    """``ValueError`` for a merge option given where it cannot take effect: any of them when ``cfg.r`` is 0
+    (the model is evaluated unpatched; ``modes`` None, i.e. ``vtome eval``), and ``--threshold`` when no mode
+    (``cfg.mode``, or any of a sweep's ``modes``) is hybrid."""
+    if modes is None and cfg.r == 0:
+        given = [
+            (flag, value)
+            for flag, value, default in (
+                ("--mode", cfg.mode, "merge"),
+                ("--threshold", cfg.threshold, 0.0),
+                ("--prop-attn", cfg.prop_attn, None),
+                ("--start-layer", cfg.start_layer, 0),
+                ("--layers", cfg.layers, None),
+                *((f"--{key.replace('_', '-')}", value, None) for key, value in cfg.extra.items()),
+            )
+            if value != default
+        ]
+        if given:
+            flag, value = given[0]
+            raise ValueError(
+                f"{flag} {value} has no effect with --r 0 (the model is evaluated unpatched); give --r > 0 to merge, "
+                f"or leave {flag} out"
+            )
+    if cfg.threshold != 0.0 and "hybrid" not in (modes if modes is not None else [cfg.mode]):
+        raise ValueError(
+            f"--threshold {cfg.threshold} has no effect without --mode hybrid (only hybrid merging uses a similarity "
+            "threshold); add hybrid to the modes or leave --threshold out"
+        )
+
+
 class ClipLoader(torch.utils.data.Dataset):
     """Decodes, samples and preprocesses videos: item -> ``(position, [V, T, C, H, W] or None, error)``."""
 
