@@ -484,8 +484,8 @@ def _sweep(args: argparse.Namespace) -> int:
             f"--modes must list merge, drop, random_merge, random_drop or hybrid and --r at least one "
             f"value; got modes {args.modes!r}, r {args.r}"
         )
-    grid = sweep_grid(args.model, args.r, modes, args.start_layers, args.layers, args.placements)
     check_merge_options(_eval_config(args), modes)
+    grid = sweep_grid(args.model, args.r, modes, args.start_layers, args.layers, args.placements)
     with _progress() as progress:
         update = _eval_progress(progress, "sweep")
         rows = run_sweep(_eval_config(args), grid, eval_progress=update)
