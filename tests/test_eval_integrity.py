@@ -60,14 +60,17 @@ def records(out: Path) -> list[dict]:
 
 
 class Counting(CopyPixel):
-    """CopyPixel that counts the clips it is shown (to see what a resume evaluates again)."""
+    """CopyPixel that counts the clips it is shown (to see what a resume evaluates again); the same batch
+    shown twice in a row (the untimed warm-up forward, then the timed one) counts once."""
 
     def __init__(self, template, centers):
         super().__init__(template, centers)
-        self.seen = 0
+        self.seen, self.last = 0, None
 
     def forward(self, pixel_values):
-        self.seen += len(pixel_values)
+        if self.last is None or not torch.equal(self.last, pixel_values):
+            self.seen += len(pixel_values)
+        self.last = pixel_values.clone()
         return super().forward(pixel_values)
 
 

@@ -98,6 +98,40 @@ def check_device(device: str) -> None:
         raise ValueError("device cuda was asked for but no CUDA GPU is available; use cpu")
 
 
+def check_input_memory(model: str, batch_sizes: list[int], device: str, dtype: str) -> None:
+    """``ValueError`` when the input clips of the largest batch alone (and their copy) would take more than half
+    of ``device``'s memory: refused before anything is loaded, instead of dying out of memory. Models whose
+    config cannot be read without loading them are not checked."""
+    from vtome.zoo import load_config
+
+    config = load_config(model)
+    if config is None:
+        return
+    from vtome.adapters.inputs import clip_shape
+
+    frames, channels, size = clip_shape(config)
+    per_clip = frames * channels * size * size * DTYPES[dtype].itemsize
+    if device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        from vtome.evaluate import _physical_memory
+
+        total = _physical_memory()
+    need = max(batch_sizes) * per_clip * 2
+    if total and need > total // 2:
+        raise ValueError(
+            f"--batch-size {max(batch_sizes)} needs at least {need / 2**30:.1f} GiB for its input clips alone "
+            f"({device} has {total / 2**30:.1f} GiB); use smaller batch sizes"
+        )
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is PyTorch running out of memory (CUDA, or a failed CPU allocation)."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    )
+
+
 def machine_info(device: str) -> dict[str, object]:
     """The machine the figures come from."""
     cpu = platform.processor() or platform.machine()

@@ -164,30 +164,9 @@ def _check_bench_options(args: argparse.Namespace, cfg: object) -> None:
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             check_output_file(path, flag)
-    from vtome.zoo import load_config
+    from vtome.bench import check_input_memory
 
-    config = load_config(args.model)
-    if config is None:
-        return
-    import torch
-
-    from vtome.adapters.inputs import clip_shape
-    from vtome.bench import DTYPES
-
-    frames, channels, size = clip_shape(config)
-    per_clip = frames * channels * size * size * DTYPES[cfg.dtype].itemsize
-    if cfg.device.startswith("cuda"):
-        total = torch.cuda.get_device_properties(torch.device(cfg.device)).total_memory
-    else:
-        from vtome.evaluate import _physical_memory
-
-        total = _physical_memory()
-    need = max(cfg.batch_sizes) * per_clip * 2
-    if total and need > total // 2:
-        raise ValueError(
-            f"--batch-size {max(cfg.batch_sizes)} needs at least {need / 2**30:.1f} GiB for its input clips alone "
-            f"({cfg.device} has {total / 2**30:.1f} GiB); use smaller batch sizes"
-        )
+    check_input_memory(cfg.model, cfg.batch_sizes, cfg.device, cfg.dtype)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -495,15 +474,15 @@ def _demo(args: argparse.Namespace) -> int:
     from vtome.demo.run import DemoConfig, plot_curves, run_demo, write_visualizations
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    clips = cfg.clips if args.clips is None else args.clips
     cfg = dataclasses.replace(
-        cfg, clips=args.clips or cfg.clips, flops=args.flops, threshold=args.threshold, timing=not args.no_timing
+        cfg, clips=clips, flops=args.flops, threshold=args.threshold, timing=not args.no_timing
     )
-    if cfg.clips < 15:
-        raise ValueError(f"--clips must be >= 15 (one clip per class); got {cfg.clips}")
-    if not 0.0 < cfg.flops < 1.0:
-        raise ValueError(
-            f"--flops is the fraction of the unpatched FLOPs to keep, in (0, 1) (e.g. 0.5); got {cfg.flops}"
-        )
+    cfg.validate()
+    if args.json:
+        check_output_file(args.json, "--json")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file, not a folder; choose a folder name")
     out = Console(width=None if Console().is_terminal else 140)
     budgets = ", ".join(f"{f:.2g}" for f in sorted({*cfg.budgets, cfg.flops}, reverse=True))
     out.print(
@@ -604,9 +583,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vtome.evaluate import run_eval
+    from vtome.evaluate import check_merge_options, run_eval
 
     cfg = _eval_config(args)
+    check_merge_options(cfg)
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
         with _progress() as progress:
@@ -646,8 +626,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from vtome.evaluate import check_merge_options
     from vtome.merge import MODES
-    from vtome.sweep import run_sweep, settings_grid
+    from vtome.sweep import run_sweep, sweep_grid
 
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
@@ -657,13 +638,8 @@ def _sweep(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--modes must list {', '.join(MODES)} and --r at least one value; got modes {args.modes!r}, r {args.rs}"
         )
-    if args.placements:
-        from vtome.sweep import placement_grid
-        from vtome.zoo import load_model
-
-        grid = placement_grid(args.rs, modes, load_model(args.model).config.num_hidden_layers)
-    else:
-        grid = settings_grid(args.rs, modes, args.start_layers, args.layers)
+    check_merge_options(_eval_config(args), modes)
+    grid = sweep_grid(args.model, args.rs, modes, args.start_layers, args.layers, args.placements)
     with _progress() as progress:
         update = _eval_progress(progress, "sweep")
         rows = run_sweep(_eval_config(args), grid, eval_progress=update)

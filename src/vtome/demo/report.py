@@ -6,7 +6,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from vtome.demo.run import DemoConfig
+from vtome.demo.run import DemoConfig, reached_title
 
 
 def _pct(x: float) -> str:
@@ -48,7 +48,7 @@ def print_report(report: dict, cfg: DemoConfig, console: Console) -> None:
     )
     console.print(
         _table(
-            f"Every mode at flops {cfg.flops:.2g} (the fraction of the unpatched FLOPs kept)",
+            f"Every mode at {reached_title(report['main'], cfg.flops)} (flops: the fraction of the FLOPs kept)",
             ["model", "mode", "r", "FLOP ratio", "acc appearance", "acc temporal", "speedup"],
             [
                 [
@@ -65,6 +65,8 @@ def print_report(report: dict, cfg: DemoConfig, console: Console) -> None:
             else "r: tokens removed per layer (per frame for divided space-time models).",
         )
     )
+    for note in report.get("notes", []):
+        console.print(f"[bold]note[/]: {note}")
     console.print("[bold]Reading the accuracy-vs-FLOPs curve[/] (paired differences on the same clips, ±2 s.e.):")
     for line in report["reading"]:
         console.print(f"  - {line}")
@@ -107,7 +109,8 @@ def print_report(report: dict, cfg: DemoConfig, console: Console) -> None:
     if report["placement"]:
         console.print(
             _table(
-                f"Where merging happens, merge mode at equal FLOPs (flops {cfg.placement_flops:.2g})",
+                "Where merging happens, merge mode at equal FLOPs "
+                f"({reached_title(report['placement'], cfg.placement_flops)})",
                 ["model", "placement", "r", "FLOP ratio", "acc appearance", "acc temporal"],
                 [
                     [

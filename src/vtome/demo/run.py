@@ -33,6 +33,7 @@ import vtome
 from vtome.adapters import adapter_for
 from vtome.demo import checkpoints
 from vtome.demo.synth import ClipSpec, is_temporal, make_batch, make_clip, normalize
+from vtome.evaluate import _physical_memory
 from vtome.flops import BudgetWarning
 from vtome.merger import CapWarning
 
@@ -59,6 +60,42 @@ class DemoConfig:
     time_warmup: int = 2
     sections: tuple[str, ...] = ("curve", "order", "schemes", "placement")
     families: tuple[str, ...] | None = None  # default: every bundled model
+
+    def validate(self) -> None:
+        """``ValueError`` naming the option for any setting that could not take effect as given."""
+
+        def whole(value: object, least: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+        def budget(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value < 1.0
+
+        if not whole(self.clips, 15):
+            raise ValueError(f"clips must be an integer >= 15 (one clip per class); got {self.clips!r}")
+        for name, value in (("flops", self.flops), ("second_flops", self.second_flops)):
+            if not budget(value):
+                raise ValueError(
+                    f"{name} is the fraction of the unpatched FLOPs to keep, in (0, 1) (e.g. 0.5); got {value!r}"
+                )
+        if not budget(self.placement_flops):
+            raise ValueError(f"placement_flops must be in (0, 1); got {self.placement_flops!r}")
+        if not self.budgets or not all(budget(f) for f in self.budgets):
+            raise ValueError(f"budgets must be fractions in (0, 1); got {self.budgets!r}")
+        if isinstance(self.threshold, bool) or not (
+            isinstance(self.threshold, (int, float)) and -1.0 <= self.threshold <= 1.0
+        ):
+            raise ValueError(f"threshold is a cosine similarity, in [-1, 1]; got {self.threshold!r}")
+        for name, value, least in (
+            ("batch_size", self.batch_size, 1),
+            ("time_batch", self.time_batch, 1),
+            ("time_rounds", self.time_rounds, 1),
+            ("time_warmup", self.time_warmup, 0),
+        ):
+            if not whole(value, least):
+                raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
+        unknown = [f for f in self.families or () if f not in checkpoints.FAMILIES]
+        if unknown:
+            raise ValueError(f"families must be among {', '.join(checkpoints.FAMILIES)}; got {unknown}")
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -118,6 +155,13 @@ class ModelRun:
         self.family, self.name, self.cfg = family, checkpoints.FAMILIES[family], cfg
         self.base = checkpoints.load(family)
         spec = ClipSpec(frames=self.base.config.num_frames, size=self.base.config.image_size)
+        need = cfg.clips * spec.frames * 3 * spec.size**2 * 4 * 2  # the clips, and their normalised copy
+        total = _physical_memory()
+        if total and need > total // 2:
+            raise ValueError(
+                f"--clips {cfg.clips} needs {need / 2**30:.1f} GiB for {self.name}'s generated clips (this machine has "
+                f"{total / 2**30:.1f} GiB); use fewer --clips"
+            )
         with _threads(1):  # many small tensor ops: extra threads only wait on each other
             clips, labels = make_batch(cfg.seed, "test", range(cfg.clips), spec)
         self.clips, self.labels = normalize(clips), labels
@@ -205,6 +249,7 @@ def _key(setting: dict) -> str:
 def run_demo(cfg: DemoConfig, on_step: Callable[[str], None] | None = None) -> dict:
     """Every section of the demo for every bundled model: ``{section: rows}``, ``reading`` (sentences) and
     ``config``. Sections: ``main``, ``curve``, ``speed``, ``order``, ``schemes``, ``placement``."""
+    cfg.validate()
     step = on_step or (lambda _msg: None)
     out: dict[str, list] = {"main": [], "curve": [], "speed": [], "order": [], "schemes": [], "placement": []}
     runs = []
@@ -242,8 +287,41 @@ def run_demo(cfg: DemoConfig, on_step: Callable[[str], None] | None = None) -> d
                 s = run.setting(cfg.placement_flops, "merge", **({"layers": layers} if layers else {}))
                 out["placement"].append(run.result(s).row(flops=cfg.placement_flops, placement=label))
     out["reading"] = reading(runs, cfg)
+    out["notes"] = short_of_target(out["main"], cfg.flops) + short_of_target(out["placement"], cfg.placement_flops)
     out["config"] = asdict(cfg)
     return out
+
+
+def reached(ratio: float, flops: float) -> bool:
+    """Whether a FLOP ratio (unpatched / patched) met the budget ``flops`` (fraction kept; rounding aside)."""
+    return ratio * flops >= 1 - 1e-3
+
+
+def short_of_target(rows: list[dict], flops: float) -> list[str]:
+    """One sentence per model whose merged rows do not reach the budget ``flops`` (merging saturates)."""
+    notes = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        short = [r for r in rows if r["model"] == model and r["mode"] != "none" and not reached(r["flop_ratio"], flops)]
+        if short:
+            most = max(r["flop_ratio"] for r in short)
+            notes.append(
+                f"{model}: flops {flops:.2g} ({1 / flops:.3g}x fewer FLOPs) cannot be reached; merging saturates at "
+                f"{most:.2f}x fewer ({len(short)} setting(s)), and the tables show what was reached"
+            )
+    return notes
+
+
+def reached_title(rows: list[dict], flops: float) -> str:
+    """``flops 0.5 (2x fewer FLOPs)`` when every merged row met the budget, else what each model reached."""
+    merged = [r for r in rows if r["mode"] != "none"]
+    if all(reached(r["flop_ratio"], flops) for r in merged):
+        return f"flops {flops:.2g} ({1 / flops:.3g}x fewer FLOPs)"
+    per_model = {
+        m: min(r["flop_ratio"] for r in merged if r["model"] == m) for m in dict.fromkeys(r["model"] for r in merged)
+    }
+    return f"flops {flops:.2g} asked ({1 / flops:.3g}x fewer FLOPs), not reached (merging saturates): " + ", ".join(
+        f"{m} {v:.2f}x fewer" for m, v in per_model.items()
+    )
 
 
 def placement_layers(num_layers: int) -> dict[str, list[int] | None]:
@@ -285,8 +363,8 @@ def reading(runs: list[ModelRun], cfg: DemoConfig, tol: float = 0.02) -> list[st
                 (mode, *paired_gap(merge, run.result(run.setting(cfg.flops, mode)), family)) for mode in MODES[1:]
             ]
             head = (
-                f"{run.name}, {family} classes at flops {cfg.flops:.2g}: merge {merge.acc(family):.1%} "
-                f"(unpatched {none.acc(family):.1%})"
+                f"{run.name}, {family} classes at {_reached(merge.flop_ratio, cfg.flops)}: merge "
+                f"{merge.acc(family):.1%} (unpatched {none.acc(family):.1%})"
             )
             if all(abs(run.result(run.setting(cfg.flops, m)).acc(family) - none.acc(family)) < tol for m in MODES):
                 lines.append(f"{head}; every mode within {tol * 100:.0f} points of unpatched.")
@@ -304,7 +382,9 @@ def reading(runs: list[ModelRun], cfg: DemoConfig, tol: float = 0.02) -> list[st
         for mode in MODES:
             ok = [f for f in budgets if _within(run, none, mode, f, tol)]
             reach = ok[-1] if ok and ok == budgets[: len(ok)] else None
-            held.append(f"{mode} down to flops {reach:.2g}" if reach else f"{mode} not at flops {budgets[0]:.2g}")
+            got = run.result(run.setting(reach or budgets[0], mode)).flop_ratio
+            where = f"down to {_reached(got, reach)}" if reach else f"not at {_reached(got, budgets[0])}"
+            held.append(f"{mode} {where}")
         lines.append(
             f"{run.name} stays within {tol * 100:.0f} points of unpatched on both class families: "
             + ", ".join(held)
@@ -317,11 +397,16 @@ def reading(runs: list[ModelRun], cfg: DemoConfig, tol: float = 0.02) -> list[st
             losses.append((run.name, merge.acc("temporal") - none.acc("temporal")))
         worst = min(losses, key=lambda x: x[1])
         lines.append(
-            f"Temporal classes, merge at flops {cfg.flops:.2g} vs unpatched: "
+            f"Temporal classes, merge at flops {cfg.flops:.2g} (or as near as each model gets) vs unpatched: "
             + ", ".join(f"{name} {_pts(loss)}" for name, loss in losses)
             + f"; {worst[0]} loses the most."
         )
     return lines
+
+
+def _reached(ratio: float, flops: float) -> str:
+    """``flops 0.5`` when a FLOP ratio reached the budget ``flops``, else ``3.15x fewer FLOPs (flops 0.001 asked)``."""
+    return f"flops {flops:.2g}" if reached(ratio, flops) else f"{ratio:.2f}x fewer FLOPs (flops {flops:.2g} asked)"
 
 
 def _within(run: ModelRun, none: Result, mode: str, flops: float, tol: float) -> bool:
@@ -391,7 +476,12 @@ def write_visualizations(
             scale = display_scale(adapter_for(model).token_positions(model)[2])
             drawn, groups = visualize_clip(model, shown, fill="colour", scale=scale, **setting)
             caption = describe(model, name, groups, **setting)
-        caption += f" · flops {cfg.flops:.2g} · held-out clip {index}: {CLASSES[label]}"
+            patched = vtome.patch(copy.deepcopy(model), **setting)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", CapWarning)
+            patched(pixel_values=shown.pixel_values)
+        got = vtome.last_run(patched).flop_ratio
+        caption += f" · {_reached(got, cfg.flops)} · held-out clip {index}: {CLASSES[label]}"
         paths = save_visualization(shown.display, drawn, out, caption, name=f"{name}_merges", fill="colour")
         written.append(str(paths["png"]))
     return written
