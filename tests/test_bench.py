@@ -179,7 +179,12 @@ def test_timesformer_bench_runs(tmp_path):
         (["--model", "videomae-base", "--r", ""], "--r needs at least one value"),
         (["--model", "videomae-base", "--device", "cuda"], "no CUDA GPU is available"),
         (["--model", "videomae-base", "--dtype", "fp8"], "--dtype must be one of fp32, bf16, fp16"),
-        (["--model", "videomae-base", "--mode", "average"], "--mode must be one of merge"),
+        (["--model", "videomae-base", "--mode", "average"], "argument --mode: invalid choice: 'average'"),
+        (["--model", "videomae-base", "--warmup", "-1"], "--warmup must be >= 0; got -1"),
+        (["--model", "videomae-base", "--start-layer", "-1"], "--start-layer must be an int in"),
+        (["--model", "videomae-base", "--divided", "aligned"], "divided='aligned' applies to divided space-time"),
+        (["--suite", "gpu", "--r", "0,4"], "--r do not apply to --suite"),
+        (["--r", "0,4"], "give --model \\(or --suite gpu\\)"),
         (["--model", "./no/such/dir"], "unknown model './no/such/dir'"),
     ],
 )
@@ -188,7 +193,59 @@ def test_bad_arguments_give_clear_errors(argv, message, capsys):
         pytest.skip("a GPU is present")
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
-    assert "vtome bench: error:" in err
+    assert "vtome bench: error:" in err and "Traceback" not in err
     import re
 
     assert re.search(message, err), err
+
+
+def test_gpu_suite_runs_every_variant_and_writes_json_and_a_table(tmp_path, capsys, monkeypatch):
+    """``vtome bench --suite gpu`` on CPU with one tiny bundled model: eager under every SDPA backend (those
+    the CPU lacks are reported, not fatal) and compiled with fullgraph=True (traced by dynamo without code
+    generation, so the test stays fast)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **{**kw, "backend": "eager"}))
+    out = tmp_path / "suite.json"
+    argv = ["bench", "--suite", "gpu", "--model", "demo-joint", "--device", "cpu", "--dtype", "fp32"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards: one thread is fastest and does not wait on a busy machine
+    try:
+        assert main([*argv, "--batch-size", "1", "--warmup", "1", "--repeats", "2", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    eager = [r for r in rows if not r["compiled"]]
+    compiled = [r for r in rows if r["compiled"]]
+    assert [r["backend"] for r in eager] == ["default", "math", "efficient", "flash", "cudnn"]
+    assert [(r["batch_size"], r["backend"]) for r in compiled] == [(1, "default")]
+    for row in rows:
+        assert row["flops"] == 0.5 and row["flop_ratio"] >= 2.0 and row["r"] > 0
+    for row in [*compiled, *(r for r in eager if r["backend"] in ("default", "math"))]:
+        assert row["status"] == "ok", row
+        assert row["unpatched_ms"] > 0 and row["patched_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["unpatched_ms"] / row["patched_ms"])
+    cpu_lacks = [r for r in eager if r["backend"] in ("efficient", "cudnn")]
+    assert all(r["status"].startswith("unpatched: unavailable") and r["speedup"] is None for r in cpu_lacks)
+    assert report["skipped"] == [] and report["config"]["dtype"] == "fp32"
+    printed = capsys.readouterr().out
+    assert "unpatched ms" in printed and "compiled" in printed and "demo-joint" in printed
+
+
+def test_gpu_suite_skips_compiled_work_that_does_not_fit_its_time_budget():
+    from vtome.bench import SuiteConfig, run_suite
+
+    cfg = SuiteConfig(
+        models=("demo-joint",),
+        batch_sizes=(1,),
+        device="cpu",
+        dtype="fp32",
+        backends=("default",),
+        warmup=1,
+        repeats=1,
+        budget_s=30.0,
+        compile_guess_s=60.0,
+    )
+    report = run_suite(cfg)
+    assert [r["compiled"] for r in report["results"]] == [False]
+    assert report["skipped"] == [{"model": "demo-joint", "batch_size": 1, "compiled": True, "reason": "time budget"}]

@@ -71,10 +71,11 @@ def test_demo_quick_writes_every_section_curve_and_pictures(tmp_path, capsys):
             assert 0 < lo <= hi
         curve = [r for r in report["curve"] if r["model"] == model and r["mode"] == "merge"]
         ratios = [r["flop_ratio"] for r in curve]
-        assert len(curve) == 3 and ratios == sorted(ratios) and ratios[0] >= 1.5  # one point per reduction asked
+        assert len(curve) == 3 and ratios == sorted(ratios) and ratios[0] >= 1.5  # one point per budget asked
+        assert [r["flops"] for r in curve] == sorted((2 / 3, 0.5, 0.4), reverse=True)
     divided = [r for r in report["schemes"] if r["divided"]]
-    assert {(r["divided"], r["mode"], r["target"]) for r in divided} == {
-        (d, m, t) for d in ("per_frame", "aligned") for m in ("merge", "hybrid") for t in (2.0, 2.5)
+    assert {(r["divided"], r["mode"], r["flops"]) for r in divided} == {
+        (d, m, f) for d in ("per_frame", "aligned") for m in ("merge", "hybrid") for f in (0.5, 0.4)
     }
     assert all(r["speedup"] > 0 for r in report["schemes"])
     assert report["order"] == [] and report["placement"] == []  # full run only
@@ -89,12 +90,12 @@ def test_demo_quick_writes_every_section_curve_and_pictures(tmp_path, capsys):
 def test_demo_order_and_placement_sections():
     from vtome.demo.run import DemoConfig, run_demo
 
-    cfg = DemoConfig(clips=15, ratios=(2.0,), timing=False, sections=("order", "placement"), families=("joint",))
+    cfg = DemoConfig(clips=15, budgets=(0.5,), timing=False, sections=("order", "placement"), families=("joint",))
     report = run_demo(cfg)
-    assert {(r["order"], r["target"]) for r in report["order"]} == {
-        (o, t) for o in ("paper", "spatial") for t in (2.0, 2.5)
+    assert {(r["order"], r["flops"]) for r in report["order"]} == {
+        (o, f) for o in ("paper", "spatial") for f in (0.5, 0.4)
     }
-    assert all(r["flop_ratio"] >= r["target"] for r in report["order"])
+    assert all(r["flop_ratio"] >= 1 / r["flops"] for r in report["order"])
     placed = {r["placement"]: r for r in report["placement"]}
     assert list(placed) == ["all layers", "first half", "second half"]
     assert placed["all layers"]["layers"] is None
@@ -108,10 +109,10 @@ def test_demo_settings_meet_their_flop_budgets_and_cache_results():
     from vtome.demo.run import DemoConfig, ModelRun
 
     run = ModelRun("divided", DemoConfig(clips=15))
-    merge = run.result(run.setting(2.0, "merge"))
+    merge = run.result(run.setting(0.5, "merge"))
     assert merge.flop_ratio >= 2.0 and merge.r == vtome.settings(merge.patched).r
-    assert run.result(run.setting(2.0, "merge")) is merge  # each setting is evaluated once
-    aligned = run.result(run.setting(2.0, "merge", divided="aligned"))
+    assert run.result(run.setting(0.5, "merge")) is merge  # each setting is evaluated once
+    aligned = run.result(run.setting(0.5, "merge", divided="aligned"))
     assert vtome.settings(aligned.patched).divided == "aligned" and aligned.row()["divided"] == "aligned"
     assert run.result({}).row()["mode"] == "none" and run.result({}).flop_ratio == 1.0
     assert len(merge.hits) == 15 and merge.temporal.sum() == 10  # 5 appearance and 10 temporal classes

@@ -196,6 +196,9 @@ def test_confusion_difference(tmp_path):
     names = ["a", "b", "c"]
     (before / "confusion.json").write_text(json.dumps({"classes": names, "matrix": [[5, 0, 0], [1, 4, 0], [0, 0, 5]]}))
     (after / "confusion.json").write_text(json.dumps({"classes": names, "matrix": [[5, 0, 0], [3, 2, 0], [0, 1, 4]]}))
+    data = {"dataset": "k400", "root": "/data", "files": {"/data/val.txt": "ab12"}, "classes": "cd34"}
+    for run, model in ((before, "aaaa"), (after, "bbbb")):  # other models, the same data: comparable
+        (run / "manifest.json").write_text(json.dumps({"settings": {"model": {"fingerprint": model}, "data": data}}))
     same = confusion_change(before, before)
     assert not same["diff"].any() and same["lost_most"] == []
     change = confusion_change(before, after)

@@ -101,23 +101,115 @@ def plot_splice(rows: list[dict], path: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def _eval_folder(run: str | Path) -> Path:
+    path = Path(run)
+    return path if path.is_dir() else path.parent
+
+
 def load_confusion(run: str | Path) -> tuple[list[str], np.ndarray]:
-    """Class names and confusion matrix (rows: true, columns: predicted) of an eval folder."""
+    """Class names and confusion matrix ``[K, K]`` (rows: true, columns: predicted) of an eval folder (or
+    its ``confusion.json``); ``ValueError`` naming the file when it is not one."""
     path = Path(run)
     path = path / "confusion.json" if path.is_dir() else path
     if not path.exists():
         raise FileNotFoundError(f"{path}: no confusion.json (run `vtome eval --out {run}` first)")
-    data = json.loads(path.read_text())
-    return data["classes"], np.asarray(data["matrix"])
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        names, matrix = data["classes"], np.asarray(data["matrix"])
+        ok = (
+            isinstance(names, list)
+            and matrix.ndim == 2
+            and matrix.shape[0] == matrix.shape[1] >= len(names)
+            and np.issubdtype(matrix.dtype, np.integer)
+            and (matrix >= 0).all()
+        )
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, OSError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{path} is not a confusion.json written by `vtome eval` (expected classes and a square matrix of "
+            "counts); pass an eval folder"
+        )
+    names = [str(n) for n in names]  # classes the dataset does not name (predicted only) go by index
+    return names + [str(i) for i in range(len(names), len(matrix))], matrix
+
+
+# What two evaluations must share to be compared: everything about the data (the model and the merge
+# settings may differ; comparing them is the point). Keys are manifest ``settings`` keys, flattened.
+_SAME_DATA = ("data.", "epic.verb_classes")
+
+
+def check_comparable(before: str | Path, after: str | Path) -> None:
+    """``ValueError`` unless the eval folders ``before`` and ``after`` evaluated the same videos with the same
+    labels: their manifests must agree on the dataset, its root, the split and labels files (by content),
+    the class mapping and the ``--limit``. The error names each field that differs."""
+    from vtome.outdir import MANIFEST, _flat, _short
+
+    manifests, limits = [], []
+    for run in (before, after):
+        if not Path(run).exists():
+            raise FileNotFoundError(f"{run} does not exist; pass the --out folder of a `vtome eval` run")
+        folder = _eval_folder(run)
+        path = folder / MANIFEST
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            settings = manifest["settings"]
+            if not isinstance(settings, dict):
+                raise TypeError
+        except FileNotFoundError:
+            raise ValueError(
+                f"{folder} has no {MANIFEST}, so what it evaluated is unknown; compare folders written by `vtome eval`"
+            ) from None
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, OSError):
+            raise ValueError(f"{path} is damaged, so what {folder} evaluated is unknown") from None
+        files = settings.get("data", {}).get("files", {})
+        if isinstance(files, dict):  # compared by content: the same split file may sit at another path
+            settings = {**settings, "data": {**settings["data"], "files": sorted(files.values())}}
+        manifests.append(_flat(settings))
+        try:
+            limits.append(json.loads((folder / "summary.json").read_text(encoding="utf-8")).get("limit"))
+        except (OSError, ValueError, AttributeError):
+            limits.append("<unknown>")
+    a, b = manifests
+    keys = sorted(k for k in set(a) | set(b) if k.startswith(_SAME_DATA))
+    diff = [
+        f"{k}: {_short(a.get(k, '<not set>'))} in {before}, {_short(b.get(k, '<not set>'))} in {after}"
+        for k in keys
+        if a.get(k, "<not set>") != b.get(k, "<not set>")
+    ]
+    if limits[0] != limits[1]:
+        diff.append(f"limit (--limit): {limits[0]} in {before}, {limits[1]} in {after}")
+    if diff:
+        raise ValueError(
+            "the two evaluations do not cover the same data, so their confusion matrices cannot be compared:\n  "
+            + "\n  ".join(diff)
+            + "\nEvaluate both models on the same dataset, split, labels and --limit"
+        )
 
 
 def confusion_change(before: str | Path, after: str | Path, top: int = 20) -> dict:
-    """How predictions moved from run ``before`` to run ``after``: the difference matrix (more / fewer
-    predictions per cell) and the classes whose accuracy dropped most."""
+    """How predictions moved from run ``before`` to run ``after`` (two eval folders of the same data, see
+    :func:`check_comparable`): the difference matrix (more / fewer predictions per cell) and the classes
+    whose accuracy dropped most (at most ``top``)."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise ValueError(f"--top must be an integer >= 0 (classes to list); got {top!r}")
+    check_comparable(before, after)
     names_a, a = load_confusion(before)
     names_b, b = load_confusion(after)
-    if a.shape != b.shape:
-        raise ValueError(f"confusion matrices differ in size: {a.shape} vs {b.shape}; compare runs of one dataset")
+    k = max(len(a), len(b))  # a matrix grows with the highest class predicted: pad the smaller with zeros
+    if names_a[: min(len(a), len(b))] != names_b[: min(len(a), len(b))]:
+        raise ValueError(f"{before} and {after} name their classes differently; compare runs of one dataset")
+    names_a = names_a if len(a) == k else names_b
+    a, b = (np.pad(m, (0, k - len(m))) for m in (a, b))
+    counts_a, counts_b = a.sum(1), b.sum(1)
+    if (counts_a != counts_b).any():
+        c = int(np.flatnonzero(counts_a != counts_b)[0])
+        raise ValueError(
+            f"the two evaluations scored different videos: class {names_a[c]!r} has {counts_a[c]} scored videos in "
+            f"{before} and {counts_b[c]} in {after} ({int(counts_a.sum())} vs {int(counts_b.sum())} in all; videos "
+            "that failed to decode in one run are left out of its matrix). Compare runs where the same videos "
+            "were evaluated"
+        )
     diff = b - a
     totals = np.maximum(a.sum(1), 1)
     drop = (np.diag(a) - np.diag(b)) / totals
@@ -142,6 +234,8 @@ def plot_confusion_change(change: dict, path: str | Path, k: int = 20) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"--classes must be an integer >= 1 (classes drawn); got {k!r}")
     diff = change["diff"][:k, :k]
     bound = max(1, int(np.abs(diff).max()))
     fig, ax = plt.subplots(figsize=(6, 5))

@@ -54,26 +54,82 @@ class BenchConfig:
     layers: list[int] | None = None
     order: str = "paper"
     divided: str | None = None  # divided space-time models: per_frame (default) or aligned
+    extra: dict = field(default_factory=dict)  # further vtome.patch keyword arguments (threshold, ...)
 
     def validate(self) -> None:
+        """``ValueError`` naming the field that is wrong (the CLI names its flag instead)."""
         if not self.rs:
-            raise ValueError("--r needs at least one value, e.g. --r 0,50,100")
+            raise ValueError("rs needs at least one value, e.g. 0,50,100")
         if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in self.rs):
-            raise ValueError(f"--r values must be ints >= 0; got {self.rs}")
+            raise ValueError(f"rs values must be ints >= 0; got {self.rs}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise ValueError(f"--batch-size values must be ints >= 1; got {self.batch_sizes}")
+            raise ValueError(f"batch_sizes values must be ints >= 1; got {self.batch_sizes}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.attn not in ("sdpa", "eager"):
-            raise ValueError(f"--attn must be sdpa or eager; got {self.attn!r}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"--device must be cpu or cuda; got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-        if self.warmup < 0 or self.repeats < 1:
-            raise ValueError("--warmup must be >= 0 and --repeats >= 1")
+            raise ValueError(f"attn must be sdpa or eager; got {self.attn!r}")
+        check_device(self.device)
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0; got {self.warmup}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1; got {self.repeats}")
         if self.mode not in vtome.MODES:
-            raise ValueError(f"--mode must be one of {', '.join(vtome.MODES)}; got {self.mode!r}")
+            raise ValueError(f"mode must be one of {', '.join(vtome.MODES)}; got {self.mode!r}")
+
+    def patch_kwargs(self) -> dict[str, object]:
+        """The :func:`vtome.patch` keyword arguments of every patched variant, ``r`` aside."""
+        return {
+            "mode": self.mode,
+            "prop_attn": self.prop_attn,
+            "seed": 0,
+            "start_layer": self.start_layer,
+            "layers": self.layers,
+            "order": self.order,
+            "divided": self.divided,
+            **self.extra,
+        }
+
+
+def check_device(device: str) -> None:
+    """``ValueError`` unless ``device`` is ``cpu``, or ``cuda``/``cuda:N`` with a GPU present."""
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be cpu or cuda; got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA GPU is available; use cpu")
+
+
+def check_input_memory(model: str, batch_sizes: list[int], device: str, dtype: str) -> None:
+    """``ValueError`` when the input clips of the largest batch alone (and their copy) would take more than half
+    of ``device``'s memory: refused before anything is loaded, instead of dying out of memory. Models whose
+    config cannot be read without loading them are not checked."""
+    from vtome.zoo import load_config
+
+    config = load_config(model)
+    if config is None:
+        return
+    from vtome.adapters.inputs import clip_shape
+
+    frames, channels, size = clip_shape(config)
+    per_clip = frames * channels * size * size * DTYPES[dtype].itemsize
+    if device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        from vtome.evaluate import _physical_memory
+
+        total = _physical_memory()
+    need = max(batch_sizes) * per_clip * 2
+    if total and need > total // 2:
+        raise ValueError(
+            f"--batch-size {max(batch_sizes)} needs at least {need / 2**30:.1f} GiB for its input clips alone "
+            f"({device} has {total / 2**30:.1f} GiB); use smaller batch sizes"
+        )
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is PyTorch running out of memory (CUDA, or a failed CPU allocation)."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    )
 
 
 def machine_info(device: str) -> dict[str, object]:
@@ -240,17 +296,7 @@ def _run(cfg: BenchConfig, on_step: Callable[[str], None] | None) -> dict[str, o
 
     variants = [_Variant(0, base, _forward_fn(base, cfg.compile))]
     for r in sorted({r for r in cfg.rs if r > 0}):
-        model = vtome.patch(
-            copy.deepcopy(base),
-            r=r,
-            mode=cfg.mode,
-            prop_attn=cfg.prop_attn,
-            seed=0,
-            start_layer=cfg.start_layer,
-            layers=cfg.layers,
-            order=cfg.order,
-            divided=cfg.divided,
-        )
+        model = vtome.patch(copy.deepcopy(base), r=r, **cfg.patch_kwargs())
         variants.append(_Variant(r, model, _forward_fn(model, cfg.compile)))
     step = on_step or (lambda _label: None)
     results = []
@@ -386,3 +432,223 @@ def time_interleaved(
             _sync(device)
             times[name].append(time.perf_counter() - start)
     return times
+
+
+# -- the GPU suite: every base-size family, batch 1/8/32, bf16, eager and compiled, SDPA backends ----------
+
+SUITES: dict[str, tuple[str, ...]] = {
+    "gpu": ("videomae-base", "vivit-base", "timesformer-base", "motionformer-base"),
+}
+BACKENDS = ("default", "math", "efficient", "flash", "cudnn")
+
+
+@dataclass
+class SuiteConfig:
+    """What :func:`run_suite` measures: each of ``models`` unpatched and patched to keep ``flops`` of its
+    FLOPs, at each batch size, eager under each SDPA backend (``default``: PyTorch's own choice) and
+    compiled (``torch.compile(fullgraph=True)``, default backend). ``budget_s`` bounds the wall time: work
+    that would not fit (judged from the slowest compiled item so far, ``compile_guess_s`` before the first)
+    is listed as skipped, never run half."""
+
+    models: tuple[str, ...] = SUITES["gpu"]
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    device: str = "cuda"
+    dtype: str = "bf16"
+    flops: float = 0.5
+    backends: tuple[str, ...] = BACKENDS
+    compile: bool = True
+    compile_backend: str = "inductor"  # "eager" traces the whole graph without generating code (tests)
+    warmup: int = 3
+    repeats: int = 10
+    budget_s: float = 450.0
+    compile_guess_s: float = 60.0
+
+    def validate(self) -> None:
+        if not self.models:
+            raise ValueError("models needs at least one model name")
+        if not self.batch_sizes or any(
+            not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.batch_sizes
+        ):
+            raise ValueError(f"batch_sizes values must be ints >= 1; got {self.batch_sizes}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        check_device(self.device)
+        if not 0.0 < self.flops < 1.0:
+            raise ValueError(f"flops is the fraction of the unpatched FLOPs to keep, in (0, 1); got {self.flops}")
+        if any(b not in BACKENDS for b in self.backends) or "default" not in self.backends:
+            raise ValueError(f"backends must include default and come from {', '.join(BACKENDS)}; got {self.backends}")
+        if self.warmup < 1 or self.repeats < 1:
+            raise ValueError(f"warmup and repeats must be >= 1; got {self.warmup}, {self.repeats}")
+        if not self.budget_s > 0:
+            raise ValueError(f"budget_s must be > 0; got {self.budget_s}")
+
+
+def _backend_context(name: str) -> object:
+    """A context manager that restricts SDPA to backend ``name`` (``default``: no restriction)."""
+    import contextlib
+
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kinds = {
+        "math": SDPBackend.MATH,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+    return sdpa_kernel([kinds[name]])
+
+
+def _suite_forward(model: nn.Module, backend: str, x: torch.Tensor) -> Callable[[], object]:
+    name = input_name(model)
+
+    def forward() -> object:
+        with torch.inference_mode(), _backend_context(backend):
+            return model(**{name: x})
+
+    return forward
+
+
+def _calls_sdpa(forward: Callable[[], object]) -> bool:
+    """Whether one call of ``forward`` reaches ``scaled_dot_product_attention`` (TimeSformer's does not)."""
+    from torch.overrides import TorchFunctionMode
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    seen: list[bool] = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func is sdpa:
+                seen.append(True)
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        forward()
+    return bool(seen)
+
+
+def _failure(err: BaseException) -> str:
+    """A one-line reason for a variant that could not run (kept in the report instead of stopping the suite)."""
+    text = str(err)
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return "out of memory"
+    if "no available kernel" in text.lower() or "no viable backend" in text.lower():
+        return "unavailable (this backend does not run this attention: shape, dtype, mask or device)"
+    first = (text.strip().splitlines() or [""])[0]
+    return f"failed: {type(err).__name__}: {first[:200]}"
+
+
+def run_suite(cfg: SuiteConfig, on_step: Callable[[str], None] | None = None) -> dict[str, object]:
+    """Measure ``cfg``; returns ``{"machine", "config", "results", "skipped", "wall_s"}``.
+
+    One result per (model, batch size, compiled, backend): the unpatched and the patched model, each run
+    once (``*_first_call_s``: for a compiled model, its compilation), then timed by
+    :func:`time_interleaved` (``warmup`` forwards, ``repeats`` rounds); medians in ms, ``speedup`` =
+    unpatched / patched median, ``flop_ratio`` = unpatched / patched FLOPs, ``status`` ``ok`` or why a
+    variant did not run. Eager work runs first, compiled work after it while it fits in ``budget_s``.
+    """
+    from vtome.zoo import load_model
+
+    cfg.validate()
+    step = on_step or (lambda _label: None)
+    started = time.perf_counter()
+    device, dtype = cfg.device, DTYPES[cfg.dtype]
+    results: list[dict[str, object]] = []
+    skipped: list[dict[str, object]] = []
+
+    def free() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def measure(name: str, batch: int, compiled: bool, backend: str, info: dict, forwards: dict) -> None:
+        row: dict[str, object] = {
+            "model": name,
+            "batch_size": batch,
+            "compiled": compiled,
+            "backend": backend,
+            "r": info["r"],
+            "flops": cfg.flops,
+            "flop_ratio": info["flop_ratio"],
+            "speedup": None,
+        }
+        reasons, runnable = [], {}
+        for key, forward in forwards.items():
+            row[f"{key}_ms"] = row[f"{key}_clips_per_s"] = row[f"{key}_first_call_s"] = None
+            try:
+                _sync(device)
+                begin = time.perf_counter()
+                forward()
+                _sync(device)
+                row[f"{key}_first_call_s"] = time.perf_counter() - begin
+                runnable[key] = forward
+            except Exception as err:  # a backend that cannot run this attention, memory, a failed compile
+                reasons.append(f"{key}: {_failure(err)}")
+                free()
+        if runnable:
+            try:
+                times = time_interleaved(runnable, cfg.warmup, cfg.repeats, device)
+            except Exception as err:
+                reasons.append(_failure(err))
+                times = {}
+                free()
+            for key, values in times.items():
+                median = statistics.median(values)
+                row[f"{key}_ms"], row[f"{key}_clips_per_s"] = median * 1e3, batch / median
+            if row["unpatched_ms"] and row["patched_ms"]:
+                row["speedup"] = row["unpatched_ms"] / row["patched_ms"]
+        row["status"] = "; ".join(reasons) or "ok"
+        results.append(row)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CapWarning)
+        families: dict[str, tuple[nn.Module, nn.Module, dict]] = {}
+        for name in cfg.models:
+            base = load_model(name, attn="sdpa").to(device=device, dtype=dtype).eval()
+            merged = vtome.patch(copy.deepcopy(base), flops=cfg.flops, seed=0)
+            frames, channels, size = clip_shape(base)
+            probe = torch.randn(1, frames, channels, size, size, device=device, dtype=dtype)
+            _suite_forward(merged, "default", probe)()
+            unmerged_flops, merged_flops = last_run_flops(merged)
+            info = {"r": vtome.settings(merged).r, "flop_ratio": unmerged_flops / merged_flops}
+            backends = cfg.backends if _calls_sdpa(_suite_forward(base, "default", probe)) else ("default",)
+            for batch in cfg.batch_sizes:
+                x = torch.randn(batch, frames, channels, size, size, device=device, dtype=dtype)
+                for backend in backends:
+                    step(f"{name} batch {batch} eager {backend}")
+                    variants = {"unpatched": base, "patched": merged}
+                    forwards = {key: _suite_forward(model, backend, x) for key, model in variants.items()}
+                    measure(name, batch, False, backend, info, forwards)
+            families[name] = (base.cpu(), merged.cpu(), info)  # the device holds one family at a time
+            free()
+        compile_cost: list[float] = []
+        for name in cfg.models if cfg.compile else ():
+            base, merged, info = families[name]
+            base, merged = base.to(device), merged.to(device)
+            frames, channels, size = clip_shape(base)
+            for batch in cfg.batch_sizes:
+                expected = max(compile_cost, default=cfg.compile_guess_s)
+                if time.perf_counter() - started + expected > cfg.budget_s:
+                    skipped.append({"model": name, "batch_size": batch, "compiled": True, "reason": "time budget"})
+                    continue
+                begin = time.perf_counter()
+                step(f"{name} batch {batch} compiled")
+                torch._dynamo.reset()  # a fresh cache per item: no recompile limit is reached across items
+                x = torch.randn(batch, frames, channels, size, size, device=device, dtype=dtype)
+                forwards = {
+                    key: _suite_forward(torch.compile(model, fullgraph=True, backend=cfg.compile_backend), "default", x)
+                    for key, model in (("unpatched", base), ("patched", merged))
+                }
+                measure(name, batch, True, "default", info, forwards)
+                compile_cost.append(time.perf_counter() - begin)
+            base.cpu()
+            merged.cpu()
+            free()
+    config = {key: list(value) if isinstance(value, tuple) else value for key, value in cfg.__dict__.items()}
+    return {
+        "machine": machine_info(device),
+        "config": config,
+        "results": results,
+        "skipped": skipped,
+        "wall_s": time.perf_counter() - started,
+    }

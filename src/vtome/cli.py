@@ -1,14 +1,26 @@
-"""The ``vtome`` command line: ``bench``, ``calibrate``, ``demo``, ``eval``, ``sweep``, ``visualize`` and analyses."""
+"""The ``vtome`` command line: ``bench``, ``calibrate``, ``demo``, ``eval``, ``sweep``, ``visualize`` and analyses.
+
+Every command that patches a model declares its merge options with :func:`add_merge_options` and turns
+them into :func:`vtome.patch` keyword arguments with :func:`merge_kwargs`: one flag per patch argument
+(``--start-layer`` -> ``start_layer``), choices from the library's constants.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import importlib.util
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
+
+# The command-line tools' own dependencies (the `tools` extra); importing vtome needs none of them.
+TOOLS = {"rich": "rich", "matplotlib": "matplotlib", "PIL": "pillow", "av": "av"}
+TOOLS_HINT = 'install the command-line tools with: pip install "vtome[tools]"'
 
 
 def _ints(text: str) -> list[int]:
@@ -18,35 +30,109 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+# patch keyword arguments taken from the command line, besides r and flops (the order of the help text)
+MERGE_OPTIONS = ("mode", "threshold", "prop_attn", "head_aggregation", "start_layer", "layers", "order", "divided")
+
+
+def add_merge_options(
+    p: argparse.ArgumentParser,
+    r: str | None = "one",
+    flops: bool = False,
+    required: bool = False,
+    r_default: list[int] | None = None,
+    skip: tuple[str, ...] = (),
+) -> argparse._MutuallyExclusiveGroup:
+    """Add the :func:`vtome.patch` options to ``p``. ``r="one"``: ``--r N``; ``r="list"``: ``--r 0,50,100``
+    (dest ``rs``, default ``r_default``); ``flops``: ``--flops F`` as the alternative to ``--r`` (``required``:
+    one of them must be given). Options in ``skip`` are left out. Defaults are None: what is not given keeps
+    the library's default. Returns the group holding ``--r``/``--flops``."""
+    from vtome.merge import HEAD_AGGREGATIONS, MODES, ORDERS
+    from vtome.settings import DIVIDED
+
+    amount = p.add_mutually_exclusive_group(required=required)
+    if r == "one":
+        amount.add_argument(
+            "--r", type=int, help="tokens merged per layer (per frame for divided space-time models); 0: unpatched"
+        )
+    elif r == "list":
+        shown = ",".join(map(str, r_default or []))
+        amount.add_argument(
+            "--r",
+            dest="rs",
+            metavar="R",
+            type=_ints,
+            default=r_default,
+            help=f"comma-separated r values (tokens merged per layer, per frame for divided space-time models); "
+            f"0 is the unpatched baseline (default: {shown})",
+        )
+    if flops:
+        amount.add_argument(
+            "--flops", type=_number, help="FLOP budget instead of --r: the fraction of the unpatched FLOPs to keep"
+        )
+    options: dict[str, dict] = {
+        "mode": {"choices": MODES, "help": "reduction mode (default: merge)"},
+        "threshold": {"type": _number, "help": "hybrid mode: cosine similarity at which pairs merge (default 0)"},
+        "prop_attn": {"choices": ["on", "off"], "help": "proportional attention (default: the family's)"},
+        "head_aggregation": {"choices": HEAD_AGGREGATIONS, "help": "matching keys across heads (default: mean)"},
+        "start_layer": {"type": int, "help": "merge only from this layer on (default 0)"},
+        "layers": {"type": _ints, "help": "merge only in these layers (comma-separated; default: all)"},
+        "order": {"choices": ORDERS, "help": "matching order (default: paper, the published one)"},
+        "divided": {"choices": DIVIDED, "help": "divided space-time models: matching scheme (default: per_frame)"},
+    }
+    for dest in MERGE_OPTIONS:
+        if dest not in skip:
+            p.add_argument("--" + dest.replace("_", "-"), **options[dest])
+    return amount
+
+
+def merge_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """The :func:`vtome.patch` keyword arguments given on the command line (``r``, ``flops`` and the
+    :data:`MERGE_OPTIONS`; ``--prop-attn on`` -> ``prop_attn=True``). What was not given is left out."""
+    kwargs: dict[str, object] = {}
+    for dest in ("r", "flops", *MERGE_OPTIONS):
+        value = getattr(args, dest, None)
+        if value is not None:
+            kwargs[dest] = value == "on" if dest == "prop_attn" else value
+    return kwargs
+
+
+def _config_kwargs(cls: type, kwargs: dict[str, object]) -> dict[str, object]:
+    """``kwargs`` split for a tool's config dataclass: its own fields as they are, the rest in ``extra``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    own = {k: v for k, v in kwargs.items() if k in names}
+    return {**own, "extra": {k: v for k, v in kwargs.items() if k not in names}}
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="throughput, latency, memory and FLOPs at several r",
-        description="Measure a model unpatched and patched at each r, interleaved in one process.",
+        help="throughput, latency, memory and FLOPs at several r (or the GPU suite)",
+        description="Measure a model unpatched and patched at each r, interleaved in one process; or, with "
+        "--suite gpu, every base-size family at batch 1, 8 and 32, bf16, eager under each SDPA backend and "
+        "compiled (docs/benchmark.md).",
     )
-    p.add_argument("--model", required=True, help="built-in name (e.g. videomae-base), local directory or hub id")
+    p.add_argument("--model", help="built-in name (e.g. videomae-base), local directory or hub id")
     p.add_argument(
-        "--r",
-        type=_ints,
-        default=[0, 50, 100, 150],
-        help="comma-separated r values (per frame for "
-        "divided space-time models); r=0 is the unpatched baseline (default: 0,50,100,150)",
+        "--suite",
+        choices=["gpu"],
+        help="the GPU suite: each base-size family unpatched and at --flops (default 0.5), batch 1,8,32, bf16, "
+        "eager (SDPA backends) and torch.compile; --model picks other models",
     )
-    p.add_argument("--mode", default="merge", help="merge, drop, random_merge, random_drop or hybrid")
-    p.add_argument("--batch-size", type=_ints, default=[1], help="comma-separated batch sizes (default: 1)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    add_merge_options(p, r="list", flops=True, r_default=[0, 50, 100, 150])
+    p.add_argument("--batch-size", dest="batch_sizes", metavar="B", type=_ints, help="comma-separated (default: 1)")
+    p.add_argument("--device", help="cpu or cuda (default: cpu; --suite: cuda)")
+    p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: fp32; --suite: bf16)")
     p.add_argument("--attn", default="sdpa", help="attention backend of the baseline and the patched models")
-    p.add_argument("--prop-attn", default=None, choices=["on", "off"], help="override the family default")
-    p.add_argument("--start-layer", type=int, default=0, help="merge only from this layer on")
-    p.add_argument("--layers", type=_ints, default=None, help="merge only in these layers (comma-separated)")
-    p.add_argument("--order", default="paper", choices=["paper", "spatial"], help="token order (default: paper)")
-    p.add_argument(
-        "--divided", default=None, choices=["per_frame", "aligned"], help="divided space-time models: matching scheme"
-    )
     p.add_argument("--compile", action="store_true", help="torch.compile every variant")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up forwards per variant (default: 2)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (default: 5)")
+    p.add_argument("--warmup", type=int, help="warm-up forwards per variant (default: 2; --suite: 3)")
+    p.add_argument("--repeats", type=int, help="timed rounds (default: 5; --suite: 10)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a PNG of speedup vs r with the FLOP bound")
@@ -75,35 +161,12 @@ def _check_bench_options(args: argparse.Namespace, cfg: object) -> None:
     """Options ``BenchConfig.validate`` leaves to the run, checked before loading anything."""
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1 (torch CPU threads); got {args.threads}")
-    if args.start_layer < 0:
-        raise ValueError(f"--start-layer must be >= 0; got {args.start_layer}")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             check_output_file(path, flag)
-    from vtome.zoo import load_config
+    from vtome.bench import check_input_memory
 
-    config = load_config(args.model)
-    if config is None:
-        return
-    import torch
-
-    from vtome.adapters.inputs import clip_shape
-    from vtome.bench import DTYPES
-
-    frames, channels, size = clip_shape(config)
-    per_clip = frames * channels * size * size * DTYPES[cfg.dtype].itemsize
-    if cfg.device.startswith("cuda"):
-        total = torch.cuda.get_device_properties(torch.device(cfg.device)).total_memory
-    else:
-        from vtome.evaluate import _physical_memory
-
-        total = _physical_memory()
-    need = max(cfg.batch_sizes) * per_clip * 2
-    if total and need > total // 2:
-        raise ValueError(
-            f"--batch-size {max(cfg.batch_sizes)} needs at least {need / 2**30:.1f} GiB for its input clips alone "
-            f"({cfg.device} has {total / 2**30:.1f} GiB); use smaller batch sizes"
-        )
+    check_input_memory(cfg.model, cfg.batch_sizes, cfg.device, cfg.dtype)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -111,27 +174,31 @@ def _bench(args: argparse.Namespace) -> int:
     import transformers
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-    from rich.table import Table
 
     from vtome.bench import BenchConfig, plot_speedup, run_benchmark, total_forwards
 
+    if args.suite:
+        return _bench_suite(args)
+    if args.model is None:
+        raise ValueError("give --model (or --suite gpu)")
+    merge = merge_kwargs(args)
+    flops = merge.pop("flops", None)
+    if flops is not None:
+        from vtome.calibrate import r_for_budgets
+
+        args.rs = [0, *r_for_budgets(args.model, [flops], **merge).values()]
     cfg = BenchConfig(
         model=args.model,
-        rs=args.r,
-        mode=args.mode,
-        batch_sizes=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
+        rs=args.rs,
+        batch_sizes=args.batch_sizes or [1],
+        device=args.device or "cpu",
+        dtype=args.dtype or "fp32",
         attn=args.attn,
         compile=args.compile,
-        warmup=args.warmup,
-        repeats=args.repeats,
+        warmup=2 if args.warmup is None else args.warmup,
+        repeats=5 if args.repeats is None else args.repeats,
         threads=args.threads,
-        prop_attn=None if args.prop_attn is None else args.prop_attn == "on",
-        start_layer=args.start_layer,
-        layers=args.layers,
-        order=args.order,
-        divided=args.divided,
+        **_config_kwargs(BenchConfig, merge),
     )
     cfg.validate()
     _check_bench_options(args, cfg)
@@ -155,56 +222,139 @@ def _bench(args: argparse.Namespace) -> int:
                 ) from None
             raise
     m = report["machine"]
-    out = Console(width=None if Console().is_terminal else 160)
+    out = _console()
     out.print(
         f"[bold]{args.model}[/] · {cfg.dtype} · attn {cfg.attn} · mode {cfg.mode} · device {m['device']}"
         f" ({m['gpu'] or m['cpu']}) · torch {m['torch']} · {m['threads']} threads"
     )
-    table = Table()
-    for col in (
-        "r",
-        "batch",
-        "clips/s",
-        "frames/s",
-        "p50 ms",
-        "p90 ms",
-        "peak MB",
-        "GFLOPs",
-        "FLOP ratio",
-        "speedup",
-        "of bound",
-        "merge time",
-    ):
-        table.add_column(col, justify="right")
+    columns = ("r", "batch", "clips/s", "frames/s", "p50 ms", "p90 ms", "peak MB", "GFLOPs", "FLOP ratio")
+    rows = []
     for row in report["results"]:
         mem = "-" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.0f}"
-        table.add_row(
-            "baseline" if row["baseline"] else str(row["r"]),
-            str(row["batch_size"]),
-            f"{row['clips_per_s']:.2f}",
-            f"{row['frames_per_s']:.1f}",
-            f"{row['latency_ms_median']:.1f}",
-            f"{row['latency_ms_p90']:.1f}",
-            mem,
-            f"{row['gflops']:.1f}",
-            f"{row['flop_ratio']:.2f}x",
-            f"{row['speedup']:.2f}x",
-            f"{row['speedup_over_flop_ratio']:.0%}",
-            "-" if row["overhead_share"] is None else f"{row['overhead_share']:.1%}",
+        rows.append(
+            (
+                "baseline" if row["baseline"] else str(row["r"]),
+                str(row["batch_size"]),
+                f"{row['clips_per_s']:.2f}",
+                f"{row['frames_per_s']:.1f}",
+                f"{row['latency_ms_median']:.1f}",
+                f"{row['latency_ms_p90']:.1f}",
+                mem,
+                f"{row['gflops']:.1f}",
+                f"{row['flop_ratio']:.2f}x",
+                f"{row['speedup']:.2f}x",
+                f"{row['speedup_over_flop_ratio']:.0%}",
+                "-" if row["overhead_share"] is None else f"{row['overhead_share']:.1%}",
+            )
         )
-    out.print(table)
+    out.print(_table((*columns, "speedup", "of bound", "merge time"), rows))
     out.print(
         "GFLOPs per clip, transformer layers only (plus the attentive pooler for V-JEPA 2); "
         "'of bound' = speedup / FLOP ratio; 'merge time' = share of the forward spent matching and merging "
         "(the forward timed as is and with its merge steps answered from a recording, interleaved)."
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        _write_json(args.json, report)
         out.print(f"wrote {args.json}")
     if args.plot:
         plot_speedup(report, args.plot)
         out.print(f"wrote {args.plot}")
+    return 0
+
+
+def _console() -> object:
+    """The console results are printed on (160 columns when stdout is not a terminal)."""
+    from rich.console import Console
+
+    return Console(width=None if Console().is_terminal else 160)
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> object:
+    """A rich table, every column right-aligned."""
+    from rich.table import Table
+
+    table = Table()
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _write_json(path: str, report: object) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+def _bench_suite(args: argparse.Namespace) -> int:
+    """``vtome bench --suite gpu``: :func:`vtome.bench.run_suite`, a table and JSON."""
+    import transformers
+    from rich.console import Console
+
+    from vtome.bench import SUITES, SuiteConfig, run_suite
+
+    given = [
+        a.option_strings[0]
+        for a in args.parser._actions
+        if a.option_strings
+        and a.default != argparse.SUPPRESS
+        and a.dest not in ("suite", "model", "flops", "batch_sizes", "device", "dtype", "warmup", "repeats", "json")
+        and getattr(args, a.dest, None) != a.default
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} do not apply to --suite, which measures its own settings "
+            "(--model, --flops, --batch-size, --device, --dtype, --warmup, --repeats and --json do)"
+        )
+    if args.json:
+        check_output_file(args.json, "--json")
+    defaults = SuiteConfig()
+    cfg = SuiteConfig(
+        models=tuple(args.model.split(",")) if args.model else SUITES[args.suite],
+        batch_sizes=tuple(args.batch_sizes or defaults.batch_sizes),
+        device=args.device or defaults.device,
+        dtype=args.dtype or defaults.dtype,
+        flops=defaults.flops if args.flops is None else args.flops,
+        warmup=defaults.warmup if args.warmup is None else args.warmup,
+        repeats=defaults.repeats if args.repeats is None else args.repeats,
+    )
+    cfg.validate()
+    transformers.utils.logging.disable_progress_bar()
+    with Console(stderr=True).status("[bold]bench --suite[/] loading") as status:
+        report = run_suite(cfg, on_step=lambda label: status.update(f"[bold]bench --suite[/] {label}"))
+    m = report["machine"]
+    out = _console()
+    out.print(
+        f"[bold]suite {args.suite}[/] · {cfg.dtype} · flops {cfg.flops:g} · device {m['device']}"
+        f" ({m['gpu'] or m['cpu']}) · torch {m['torch']} · {report['wall_s']:.0f} s"
+    )
+    rows = []
+    for row in report["results"]:
+
+        def ms(key: str, row: dict = row) -> str:
+            return "-" if row[key] is None else f"{row[key]:.2f}"
+
+        rows.append(
+            (
+                row["model"],
+                str(row["batch_size"]),
+                "compiled" if row["compiled"] else "eager",
+                row["backend"],
+                str(row["r"]),
+                f"{row['flop_ratio']:.2f}x",
+                ms("unpatched_ms"),
+                ms("patched_ms"),
+                "-" if row["speedup"] is None else f"{row['speedup']:.2f}x",
+                row["status"][:60],
+            )
+        )
+    columns = ("model", "batch", "run", "SDPA", "r", "FLOP ratio", "unpatched ms", "patched ms", "speedup", "status")
+    out.print(_table(columns, rows))
+    for item in report["skipped"]:
+        out.print(f"skipped: {item['model']} batch {item['batch_size']} compiled ({item['reason']})")
+    if args.json:
+        _write_json(args.json, report)
+        out.print(f"wrote {args.json}")
     return 0
 
 
@@ -216,14 +366,12 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "where it meets --target-speedup (or measure --flops), and say plainly when merging does not pay.",
     )
     p.add_argument("--model", required=True, help="built-in name, local directory, Motionformer .pyth or hub id")
-    target = p.add_mutually_exclusive_group()
+    target = add_merge_options(p, r=None, flops=True)
     target.add_argument("--target-speedup", type=float, help="wanted speedup, e.g. 2 (fits r on the measured curve)")
-    target.add_argument("--flops", type=float, help="fraction of the FLOPs to keep, e.g. 0.5 (measures that r)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size to calibrate for (default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
     p.add_argument("--attn", default="sdpa", help="attention backend (default sdpa, the fastest stock one)")
-    p.add_argument("--mode", default="merge", help="merge, drop, random_merge, random_drop or hybrid")
     p.add_argument("--warmup", type=int, default=2, help="warm-up forwards per variant (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -244,7 +392,6 @@ def _check_writable(path: str | None, option: str) -> None:
 def _calibrate(args: argparse.Namespace) -> int:
     import transformers
     from rich.console import Console
-    from rich.table import Table
 
     from vtome.calibrate import CalibrateConfig, calibrate, verdict
 
@@ -257,13 +404,12 @@ def _calibrate(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         attn=args.attn,
-        mode=args.mode,
         target_speedup=args.target_speedup,
-        flops=args.flops,
         warmup=args.warmup,
         repeats=args.repeats,
         threads=args.threads,
         max_batch_size=args.max_batch_size,
+        **_config_kwargs(CalibrateConfig, merge_kwargs(args)),
     )
     cfg.validate()
     transformers.utils.logging.disable_progress_bar()
@@ -271,16 +417,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     with console.status("[bold]calibrate[/] measuring"):
         report = calibrate(cfg)
     m = report["machine"]
-    out = Console(width=None if Console().is_terminal else 160)
+    out = _console()
     out.print(
         f"[bold]{args.model}[/] · {cfg.dtype} · attn {cfg.attn} · mode {cfg.mode} · device {m['device']}"
         f" ({m['gpu'] or m['cpu']}) · {m['threads']} threads · batch {cfg.batch_size}"
     )
-    table = Table()
-    for col in ("r", "batch", "FLOP ratio", "speedup", "clips/s", "merge time"):
-        table.add_column(col, justify="right")
-    for row in report["results"]:
-        table.add_row(
+    rows = [
+        (
             "baseline" if row["baseline"] else str(row["r"]),
             str(row["batch_size"]),
             f"{row['flop_ratio']:.2f}x",
@@ -288,12 +431,13 @@ def _calibrate(args: argparse.Namespace) -> int:
             f"{row['clips_per_s']:.2f}",
             "-" if row["overhead_share"] is None else f"{row['overhead_share']:.1%}",
         )
-    out.print(table)
+        for row in report["results"]
+    ]
+    out.print(_table(("r", "batch", "FLOP ratio", "speedup", "clips/s", "merge time"), rows))
     for line in verdict(report):
         out.print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        _write_json(args.json, report)
         out.print(f"wrote {args.json}")
     return 0
 
@@ -310,7 +454,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "--quick", action="store_true", help="150 clips per model; fewer reductions, timing rounds and sections"
     )
     p.add_argument("--clips", type=int, default=None, help="held-out clips per model (default 450; --quick 150)")
-    p.add_argument("--flop-ratio", type=float, default=2.0, help="FLOP reduction of the main table (default 2.0)")
+    p.add_argument(
+        "--flops", type=_number, default=0.5, help="FLOP budget of the main table: the fraction kept (default 0.5)"
+    )
     p.add_argument("--threshold", type=float, default=0.8, help="hybrid threshold (default 0.8, the paper's VideoMAE)")
     p.add_argument("--no-timing", action="store_true", help="skip the speed measurement")
     p.add_argument("--json", metavar="FILE", help="write every section as JSON")
@@ -328,16 +474,20 @@ def _demo(args: argparse.Namespace) -> int:
     from vtome.demo.run import DemoConfig, plot_curves, run_demo, write_visualizations
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    clips = cfg.clips if args.clips is None else args.clips
     cfg = dataclasses.replace(
-        cfg, clips=args.clips or cfg.clips, target=args.flop_ratio, threshold=args.threshold, timing=not args.no_timing
+        cfg, clips=clips, flops=args.flops, threshold=args.threshold, timing=not args.no_timing
     )
-    if cfg.clips < 15 or cfg.target <= 1.0:
-        raise ValueError("--clips must be >= 15 (one clip per class) and --flop-ratio > 1")
+    cfg.validate()
+    if args.json:
+        check_output_file(args.json, "--json")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file, not a folder; choose a folder name")
     out = Console(width=None if Console().is_terminal else 140)
-    ratios = ", ".join(f"{r:g}x" for r in cfg.ratios)
+    budgets = ", ".join(f"{f:.2g}" for f in sorted({*cfg.budgets, cfg.flops}, reverse=True))
     out.print(
         f"[bold]vtome demo[/]: {cfg.clips} generated held-out clips per model (appearance classes: what the object "
-        f"is; temporal classes: how it moves); every mode at {ratios} fewer FLOPs"
+        f"is; temporal classes: how it moves); every mode at flops {budgets} (fraction of the FLOPs kept)"
     )
     with out.status("running") as status:
         report = run_demo(cfg, on_step=lambda msg: status.update(msg))
@@ -362,9 +512,6 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, help="dataset root directory")
     p.add_argument("--split", help="k400: list file; ssv2: validation.json; epic: annotation CSV")
     p.add_argument("--labels", help="class names (k400: one per line or JSON; ssv2: labels.json)")
-    p.add_argument("--mode", default="merge", help="merge, drop, random_merge, random_drop or hybrid")
-    p.add_argument("--threshold", type=float, default=0.0, help="hybrid threshold (cosine similarity)")
-    p.add_argument("--prop-attn", default=None, choices=["on", "off"], help="override the family default")
     p.add_argument("--views", default="1x1", help="temporal clips x spatial crops, scores averaged (default 1x1)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
@@ -373,10 +520,6 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noun-model", help="EPIC-KITCHENS: a second model for nouns")
     p.add_argument("--verb-classes", type=int, help="EPIC-KITCHENS: one model, first N logits are verbs")
     p.add_argument("--limit", type=int, help="first N videos only")
-    p.add_argument("--order", default=None, choices=["paper", "spatial"], help="matching order (default: paper)")
-    p.add_argument(
-        "--divided", default=None, choices=["per_frame", "aligned"], help="divided space-time models: matching scheme"
-    )
 
 
 def _eval_config(args: argparse.Namespace, **overrides: object) -> object:
@@ -389,9 +532,6 @@ def _eval_config(args: argparse.Namespace, **overrides: object) -> object:
         out=args.out,
         split=args.split,
         labels=args.labels,
-        mode=args.mode,
-        threshold=args.threshold,
-        prop_attn=None if args.prop_attn is None else args.prop_attn == "on",
         views=args.views,
         batch_size=args.batch_size,
         workers=args.workers,
@@ -400,7 +540,7 @@ def _eval_config(args: argparse.Namespace, **overrides: object) -> object:
         noun_model=args.noun_model,
         verb_classes=args.verb_classes,
         limit=args.limit,
-        extra={k: v for k, v in (("order", args.order), ("divided", args.divided)) if v is not None},
+        **_config_kwargs(EvalConfig, merge_kwargs(args)),
         **overrides,
     )
 
@@ -437,17 +577,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "action), written as it goes; a re-run with the same --out resumes.",
     )
     _add_eval_args(p)
-    p.add_argument("--r", type=int, default=0, help="tokens merged per layer (0: unpatched)")
-    p.add_argument("--start-layer", type=int, default=0, help="merge only from this layer on")
-    p.add_argument("--layers", type=_ints, default=None, help="merge only in these layers (comma-separated)")
+    add_merge_options(p, r="one")
     p.add_argument("--out", default="results", help="results folder (predictions.jsonl, summary.json)")
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vtome.evaluate import run_eval
+    from vtome.evaluate import check_merge_options, run_eval
 
-    cfg = _eval_config(args, r=args.r, start_layer=args.start_layer, layers=args.layers)
+    cfg = _eval_config(args)
+    check_merge_options(cfg)
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
         with _progress() as progress:
@@ -473,10 +612,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         "OUT/sweep.csv and OUT/sweep.png (accuracy against speedup).",
     )
     _add_eval_args(p)
-    p.add_argument("--r", type=_ints, default=[0, 50, 100, 150], help="comma-separated r values")
+    add_merge_options(p, r="list", r_default=[0, 50, 100, 150], skip=("mode", "start_layer"))
     p.add_argument("--modes", default="merge", help="comma-separated modes (default: merge)")
     p.add_argument("--start-layers", type=_ints, default=[0], help="comma-separated first merging layers")
-    p.add_argument("--layers", type=_ints, default=None, help="merge only in these layers (comma-separated)")
     p.add_argument(
         "--placements",
         action="store_true",
@@ -488,24 +626,20 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from vtome.sweep import run_sweep, settings_grid
+    from vtome.evaluate import check_merge_options
+    from vtome.merge import MODES
+    from vtome.sweep import run_sweep, sweep_grid
 
     modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in modes if m not in ("merge", "drop", "random_merge", "random_drop", "hybrid")]
-    if any(r < 0 for r in args.r):
-        raise ValueError(f"--r values must be >= 0 (0 is the unpatched baseline); got {args.r}")
-    if bad or not modes or not args.r:
+    bad = [m for m in modes if m not in MODES]
+    if any(r < 0 for r in args.rs):
+        raise ValueError(f"--r values must be >= 0 (0 is the unpatched baseline); got {args.rs}")
+    if bad or not modes or not args.rs:
         raise ValueError(
-            f"--modes must list merge, drop, random_merge, random_drop or hybrid and --r at least one "
-            f"value; got modes {args.modes!r}, r {args.r}"
+            f"--modes must list {', '.join(MODES)} and --r at least one value; got modes {args.modes!r}, r {args.rs}"
         )
-    if args.placements:
-        from vtome.sweep import placement_grid
-        from vtome.zoo import load_model
-
-        grid = placement_grid(args.r, modes, load_model(args.model).config.num_hidden_layers)
-    else:
-        grid = settings_grid(args.r, modes, args.start_layers, args.layers)
+    check_merge_options(_eval_config(args), modes)
+    grid = sweep_grid(args.model, args.rs, modes, args.start_layers, args.layers, args.placements)
     with _progress() as progress:
         update = _eval_progress(progress, "sweep")
         rows = run_sweep(_eval_config(args), grid, eval_progress=update)
@@ -528,11 +662,8 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", help="video file or folder of frames")
     p.add_argument("--model", required=True, help="built-in name, local directory or hub id")
-    p.add_argument("--r", type=int, required=True, help="tokens merged per layer (per frame for TimeSformer)")
-    p.add_argument("--mode", default="merge")
+    add_merge_options(p, r="one", flops=True, required=True)
     p.add_argument("--layer", type=int, default=None, help="show the groups after this layer (default: the last)")
-    p.add_argument("--start-layer", type=int, default=0)
-    p.add_argument("--layers", type=_ints, default=None, help="merge only in these layers (comma-separated)")
     p.add_argument("--fill", default="mean", choices=["mean", "pixels"], help="group mean colour or original pixels")
     p.add_argument("--out", default="visualize", help="output folder")
     p.set_defaults(func=_visualize)
@@ -541,18 +672,7 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
 def _visualize(args: argparse.Namespace) -> int:
     from vtome.visualize import visualize
 
-    paths = visualize(
-        args.input,
-        args.model,
-        args.out,
-        layer=args.layer,
-        fill=args.fill,
-        r=args.r,
-        mode=args.mode,
-        start_layer=args.start_layer,
-        layers=args.layers,
-        seed=0,
-    )
+    paths = visualize(args.input, args.model, args.out, layer=args.layer, fill=args.fill, seed=0, **merge_kwargs(args))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -567,8 +687,7 @@ def _add_splice(sub: argparse._SubParsersAction) -> None:
     p.add_argument("clip_a")
     p.add_argument("clip_b")
     p.add_argument("--model", required=True)
-    p.add_argument("--r", type=int, required=True)
-    p.add_argument("--mode", default="merge")
+    add_merge_options(p, r="one", flops=True, required=True)
     p.add_argument("--kind", default="temporal", choices=["temporal", "spatial"])
     p.add_argument("--out", default="splice", help="folder for splice.json and splice.png")
     p.set_defaults(func=_splice)
@@ -585,11 +704,13 @@ def _splice(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     pre = preprocess_for(model, model_source(args.model))
     a, b = (load_clip(p, pre).pixel_values[0] for p in (args.clip_a, args.clip_b))
-    rows = splice_study(model, a, b, args.kind, r=args.r, mode=args.mode, seed=0)
+    merge = merge_kwargs(args)
+    rows = splice_study(model, a, b, args.kind, seed=0, **merge)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "splice.json").write_text(json.dumps(rows, indent=2))
-    plot_splice(rows, out / "splice.png", f"{args.model}, r={args.r}, {args.kind} splice")
+    amount = f"r={args.r}" if args.r is not None else f"flops={args.flops:g}"
+    plot_splice(rows, out / "splice.png", f"{args.model}, {amount}, {args.kind} splice")
     print(f"{'layer':>5}  {'spliced: crossing / groups':>27}  {'control: crossing / groups':>27}")
     for row in rows:
         print(
@@ -639,7 +760,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_visualize(sub)
     _add_splice(sub)
     _add_confusion(sub)
+    for command in sub.choices.values():
+        command.set_defaults(parser=command)  # errors are told in the command's own flag names
     return parser
+
+
+def missing_tools() -> list[str]:
+    """The packages of the ``tools`` extra that are not installed (as pip names them)."""
+    return [package for module, package in TOOLS.items() if importlib.util.find_spec(module) is None]
+
+
+def in_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """A library message in the command's words: a leading argument name (``start_layer must be ...``, as
+    vtome's errors begin) becomes its flag (``--start-layer must be ...``) when the command has one."""
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    match = re.match(r"[a-z][a-z_]*", message)
+    if match and match.group() in flags and message[match.end() : match.end() + 1] in (" ", "="):
+        return flags[match.group()] + message[match.end() :]
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -647,15 +785,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `torchrun ... -m vtome -- eval ...` (see README): the separator may reach us
         argv = argv[1:]
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse has printed its usage line and error (or the help)
+        return stop.code if isinstance(stop.code, int) else 2
+    missing = missing_tools()
+    if missing:
+        print(f"vtome {args.command}: error: needs {', '.join(missing)}; {TOOLS_HINT}", file=sys.stderr)
+        return 2
     with warnings.catch_warnings():
         warnings.showwarning = functools.partial(_show_warning, args.command, set())
         try:
             return args.func(args)
+        except ModuleNotFoundError as err:
+            if (err.name or "").split(".")[0] not in TOOLS:
+                raise
+            print(f"vtome {args.command}: error: needs {TOOLS[err.name.split('.')[0]]}; {TOOLS_HINT}", file=sys.stderr)
+            return 2
         except (ValueError, TypeError, FileNotFoundError, MemoryError) as err:
             if type(err).__name__ != "ReportedByRankZero":  # under torchrun, process 0 says it once
-                print(f"vtome {args.command}: error: {err}", file=sys.stderr)
+                print(f"vtome {args.command}: error: {in_flags(str(err), args.parser)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             resume = (

@@ -10,14 +10,16 @@ takes a shard (gloo backend on CPU) and process 0 gathers one result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,6 +151,36 @@ class EvalConfig:
         }
 
 
+def check_merge_options(cfg: EvalConfig, modes: list[str] | None = None) -> None:
+    """``ValueError`` for a merge option given where it cannot take effect: any of them when ``cfg.r`` is 0
+    (the model is evaluated unpatched; ``modes`` None, i.e. ``vtome eval``), and ``--threshold`` when no mode
+    (``cfg.mode``, or any of a sweep's ``modes``) is hybrid."""
+    if modes is None and cfg.r == 0:
+        given = [
+            (flag, value)
+            for flag, value, default in (
+                ("--mode", cfg.mode, "merge"),
+                ("--threshold", cfg.threshold, 0.0),
+                ("--prop-attn", cfg.prop_attn, None),
+                ("--start-layer", cfg.start_layer, 0),
+                ("--layers", cfg.layers, None),
+                *((f"--{key.replace('_', '-')}", value, None) for key, value in cfg.extra.items()),
+            )
+            if value != default
+        ]
+        if given:
+            flag, value = given[0]
+            raise ValueError(
+                f"{flag} {value} has no effect with --r 0 (the model is evaluated unpatched); give --r > 0 to merge, "
+                f"or leave {flag} out"
+            )
+    if cfg.threshold != 0.0 and "hybrid" not in (modes if modes is not None else [cfg.mode]):
+        raise ValueError(
+            f"--threshold {cfg.threshold} has no effect without --mode hybrid (only hybrid merging uses a similarity "
+            "threshold); add hybrid to the modes or leave --threshold out"
+        )
+
+
 class ClipLoader(torch.utils.data.Dataset):
     """Decodes, samples and preprocesses videos: item -> ``(position, [V, T, C, H, W] or None, error)``."""
 
@@ -216,29 +248,25 @@ class _Predictor:
                 "EPIC-KITCHENS needs verb and noun scores: pass --noun-model (a second model) or "
                 "--verb-classes N (one model whose first N logits are verbs, the rest nouns)"
             )
-        self.seconds, self.clips = 0.0, 0
+        self.seconds, self.clips, self.warm = 0.0, 0, False
 
     def _probs(self, model: nn.Module, x: torch.Tensor, views: int) -> torch.Tensor:
         logits = model(**clip_kwargs(model, x)).logits.float()
         return logits.softmax(-1).view(-1, views, logits.shape[-1]).mean(1)
 
-    @torch.inference_mode()
-    def __call__(self, clips: torch.Tensor, samples: list[Sample]) -> list[dict]:
-        b, v = clips.shape[:2]
-        x = clips.flatten(0, 1)
-        start = time.perf_counter()
+    def _forward(self, x: torch.Tensor, b: int, v: int) -> tuple[torch.Tensor, ...]:
+        """Class probabilities of ``x`` ``[b * v, T, C, H, W]``: ``(probs,)``, or ``(verb, noun)`` for EPIC."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CapWarning)
                 if not self.epic:
-                    probs = self._probs(self.model, x, v)
-                elif self.noun_model is not None:
-                    verb, noun = self._probs(self.model, x, v), self._probs(self.noun_model, x, v)
-                else:
-                    logits = self.model(**clip_kwargs(self.model, x)).logits.float()
-                    split = self.verb_classes
-                    verb = logits[:, :split].softmax(-1).view(b, v, -1).mean(1)
-                    noun = logits[:, split:].softmax(-1).view(b, v, -1).mean(1)
+                    return (self._probs(self.model, x, v),)
+                if self.noun_model is not None:
+                    return self._probs(self.model, x, v), self._probs(self.noun_model, x, v)
+                logits = self.model(**clip_kwargs(self.model, x)).logits.float()
+                split = self.verb_classes
+                verb = logits[:, :split].softmax(-1).view(b, v, -1).mean(1)
+                return verb, logits[:, split:].softmax(-1).view(b, v, -1).mean(1)
         except RuntimeError as err:
             if isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err):
                 raise MemoryError(
@@ -246,8 +274,20 @@ class _Predictor:
                     "Predictions finished so far are kept; run again to resume"
                 ) from None
             raise
+
+    @torch.inference_mode()
+    def __call__(self, clips: torch.Tensor, samples: list[Sample]) -> list[dict]:
+        b, v = clips.shape[:2]
+        x = clips.flatten(0, 1)
+        if not self.warm:  # one-time costs (first-touch allocation, lazy init) stay out of the measured speed
+            self._forward(x, b, v)
+            self.warm = True
+        start = time.perf_counter()
+        out = self._forward(x, b, v)
         self.seconds += time.perf_counter() - start
         self.clips += b
+        probs = out[0]
+        verb, noun = out if self.epic else (None, None)
         records = []
         for i, s in enumerate(samples):
             if not self.epic:
@@ -281,8 +321,9 @@ def _load(model: str | nn.Module) -> tuple[nn.Module, str | None]:
 
 
 def model_identity(model: nn.Module, name: str | nn.Module) -> dict:
-    """``{class, fingerprint}``: a hash of the config (minus paths and versions) and of every weight tensor's
-    name, shape, dtype and up to 256 evenly spaced values (any retraining changes it)."""
+    """``{class, fingerprint}``: SHA-256 of the config (minus paths and versions) and of every parameter and
+    buffer (persistent or not): its name, shape, dtype and all of its bytes, read tensor by tensor (a change
+    to any single value changes it)."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
@@ -292,12 +333,21 @@ def model_identity(model: nn.Module, name: str | nn.Module) -> dict:
             if k not in ("transformers_version", "_name_or_path", "_attn_implementation_autoset")
         }
         h.update(json.dumps(described, sort_keys=True, default=str).encode())
-    for key, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // 256)
+    tensors = dict(model.state_dict())
+    for key, buffer in model.named_buffers():
+        tensors.setdefault(key, buffer)  # non-persistent buffers are part of what the model computes too
+    for key, tensor in tensors.items():
         h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(flat[::step][:256].float().cpu().numpy().tobytes())
-    return {"class": type(model).__name__, "fingerprint": h.hexdigest()[:16]}
+        if tensor.is_meta:
+            raise ValueError(f"{key} of {name!r} has no values (a meta tensor); load the model's weights first")
+        try:
+            data = tensor.detach().cpu().contiguous().reshape(-1)
+            h.update(data.view(torch.uint8).numpy() if data.numel() else b"")
+        except (RuntimeError, TypeError):  # sparse or quantized storage: hash its serialised form
+            buffer = io.BytesIO()
+            torch.save(tensor.detach().cpu(), buffer)
+            h.update(buffer.getvalue())
+    return {"class": type(model).__name__, "fingerprint": h.hexdigest()[:32]}
 
 
 def apply_merge(model: nn.Module, cfg: EvalConfig, keep: bool = True) -> dict:
@@ -466,6 +516,11 @@ def run_eval(cfg: EvalConfig, on_progress: Callable[[int, int, float | None], No
     check_labels(samples, model, noun_model, cfg, epic)
     pre = preprocess_for(model, source)
     sampling = cfg.sampling or data.sampling
+    if cfg.sampling_rate is not None and sampling == "segment":
+        raise ValueError(
+            f"--sampling-rate has no effect here: --dataset {cfg.dataset} samples segments (frames spread over the "
+            "video) by default; add --sampling dense to sample every --sampling-rate frames instead"
+        )
     rate = cfg.sampling_rate or max(1, 64 // pre.num_frames)
     check_memory(min(cfg.batch_size, len(samples)), views, pre)
     manifest = build_manifest(cfg, model, merge, noun_model, data, pre, sampling, rate, identity, noun_identity)
@@ -534,7 +589,7 @@ def _evaluate(
         f = mine.open("a")
     except OSError as err:
         raise write_error(mine, err) from None
-    with f:
+    with f, _worker_deaths():
         if on_progress:
             on_progress(0, len(todo), None)
         for batch in loader:
@@ -559,6 +614,28 @@ def _evaluate(
     if world > 1:
         dist.barrier()
     return json.loads((out / "summary.json").read_text())
+
+
+class WorkerLost(MemoryError):
+    """A decoding worker process ended without reporting (killed by the system, most often for lack of memory)."""
+
+
+@contextlib.contextmanager
+def _worker_deaths() -> Iterator[None]:
+    """A decoding worker that dies (an out-of-memory kill looks like this) ends the run with
+    :class:`WorkerLost`, which says that finished predictions are kept. PyTorch reports the death from a
+    signal handler, so it can surface anywhere in the loop, not only where the loader is read."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "DataLoader worker" not in str(err):
+            raise
+        what = str(err).strip().splitlines()[0].strip().rstrip(". ")
+        raise WorkerLost(
+            f"{what}: a decoding worker process was ended by the system, most often for lack of memory (an "
+            "out-of-memory kill). Predictions finished so far are kept; run the same command again to resume, "
+            "with fewer --workers or a smaller --batch-size if memory is short"
+        ) from None
 
 
 def _check_done_labels(done: dict[str, dict], samples: list[Sample], out: Path) -> None:

@@ -124,6 +124,8 @@ def simulate_tokens(
         for step in range(1 + duplicate.get(layer, 0) if r > 0 else 0):
             if step == 0 and capped is not None and r > mergeable // 2:
                 capped.append((layer, r, mergeable))
+            if mergeable // 2 == 0:  # nothing left to merge: further steps remove nothing
+                break
             mergeable -= min(r, mergeable // 2)
         counts.append(protected + (mergeable if frames is None else mergeable * frames))
     return counts
@@ -155,6 +157,14 @@ def resolve_budget(
     if target >= 1.0:
         return Budget(setting(0), 1.0, target)
     hi, best = 1, fraction_at(setting(1))
+    if best >= 1.0:  # no layer can merge (start_layer or layers leave none)
+        warnings.warn(
+            f"vtome: a budget of {target:.3f} of the FLOPs cannot be reached: no layer can merge with these "
+            "settings (check start_layer and layers); r=0 is used",
+            BudgetWarning,
+            stacklevel=3,
+        )
+        return Budget(setting(0), 1.0, target)
     while best > target:
         nxt = fraction_at(setting(hi * 2))
         if nxt >= best:  # nothing more to gain: every layer merges all it can

@@ -72,14 +72,14 @@ class Layout:
         tokens not included). With ``missing``, negative slots give ``missing``."""
         f = self.frames
         b = slot.shape[0] // f
-        slot = slot.view(b, f, -1)  # [B, T, n]
+        slot = slot.view(b, f, slot.shape[-1])  # [B, T, n]
         frame = torch.arange(f, device=slot.device).view(1, f, 1)
         position = self.protected + (slot * f + frame if self.time_minor else frame * slots + slot)
         if missing is not None:
             position = torch.where(slot >= 0, position, missing)
         if self.time_minor:  # model order: slot-major
             position = position.transpose(1, 2)
-        return position.reshape(b, -1)
+        return position.reshape(b, position.shape[1] * position.shape[2])
 
     def token_index(self, dest: Tensor, out_slots: int, spare: bool) -> tuple[Tensor, int]:
         """Rows for :func:`vtome.merge.sum_tokens` that apply group destinations straight to the model's

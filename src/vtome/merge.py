@@ -40,7 +40,6 @@ model, and keeps no state. Under ``torch.compile`` it traces to one graph with n
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -91,10 +90,10 @@ class Merge:
     dest: Tensor | None = None  # [G, N] output token of each input token, -1 where it is discarded
     discards: bool = False  # some token is discarded (drop modes, hybrid)
 
-    @functools.cached_property
+    @property
     def flat(self) -> Tensor:
         """``[G * N]`` rows of ``dest`` in the flattened output; discarded tokens -> ``G * (N - r)`` (a spare
-        row). Computed on first use (a model's merge step applies ``dest`` in its own token order instead)."""
+        row). (A model's merge step applies ``dest`` in its own token order instead.)"""
         return group_index(self.dest, self.dest.shape[1] - self.r, self.discards)
 
     @property
@@ -233,12 +232,15 @@ def bipartite_match(
     threshold: float = 0.0,
     order: str = "paper",
     generator: torch.Generator | None = None,
+    key: int | None = None,
 ) -> Merge:
     """Match ``r`` tokens of ``metric`` ``[G, N, C]`` away and return the :class:`Merge` that applies it.
 
     The first ``protected`` tokens are never removed nor merged into; ``order`` is ``"paper"`` (the
     published rule, see the module docstring) or ``"spatial"``. ``r`` must already be capped at
-    ``max_merge(N - protected)``. Random modes draw from ``generator`` (the global RNG when None).
+    ``max_merge(N - protected)``. Random modes draw from ``generator`` (the global RNG when None), or, given a
+    ``key``, from :func:`hashed_uniform` (the same draws for the same key, and no generator object, so a compiled
+    forward stays one graph).
     """
     g, n, _ = metric.shape
     p = protected
@@ -254,8 +256,12 @@ def bipartite_match(
     if metric.requires_grad:  # indices only: no autograd graph
         metric = metric.detach()
     if mode.startswith("random"):
-        scores = torch.rand(g, n_a, device=device, generator=generator)
-        partner = torch.randint(n_b - pb, (g, n_a), device=device, generator=generator) + pb
+        if key is not None:
+            scores, pick = hashed_uniform(key, (2, g, n_a), device).unbind(0)
+            partner = (pick * (n_b - pb)).long().clamp_(max=n_b - pb - 1) + pb
+        else:
+            scores = torch.rand(g, n_a, device=device, generator=generator)
+            partner = torch.randint(n_b - pb, (g, n_a), device=device, generator=generator) + pb
     else:
         unit = metric[:, head:] if head else metric
         unit = unit / torch.linalg.vector_norm(unit, dim=-1, keepdim=True).clamp_min_(1e-12)  # cosine
@@ -275,6 +281,27 @@ def bipartite_match(
         keep_b = dissimilar_b == 0
     dest = _destinations(head, r, n, ranked, sort_staying, None if drops else partner, keep_b)
     return Merge(head, r, ranked, sort_staying, dest, discards=drops or keep_b is not None)
+
+
+def _int64(value: int) -> int:
+    """A 64-bit constant as the signed int64 PyTorch stores."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = _int64(0x9E3779B97F4A7C15), _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+def hashed_uniform(key: int, shape: tuple[int, ...], device: torch.device | str | None = None) -> Tensor:
+    """Uniform draws in [0, 1) ``[*shape]`` (float64) that depend only on ``key`` and their position: the
+    SplitMix64 finaliser of ``key * golden + i`` for each position ``i`` (a counter-based generator, so the same
+    key always gives the same draws, with no generator object or state)."""
+    offset = (key * 0x9E3779B9) & ((1 << 62) - 1)  # any Python int key, within int64
+    x = torch.arange(math.prod(shape), device=device, dtype=torch.int64) + offset
+    x = x * _GOLDEN
+    for shift, mul in ((30, _MIX1), (27, _MIX2)):
+        x = (x ^ ((x >> shift) & ((1 << (64 - shift)) - 1))) * mul  # logical shift of the 64-bit pattern
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return ((x >> 11) & ((1 << 53) - 1)).double().div_(float(1 << 53)).view(shape)
 
 
 def merge_tokens(

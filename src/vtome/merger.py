@@ -18,7 +18,8 @@ plan, the layout, the tokens, their track and the keys), :func:`encode` (the pat
   as a return value.
 - The one write of a forward: at the end of the loop, :func:`encode` replaces ``Merger.run`` with a new
   :class:`RunInfo` (token counts; sizes, index and sources detached, so no activation outlives the forward).
-- Random modes with a seed draw from a generator seeded by (seed, layer, step): a recompute draws the same.
+- Random modes with a seed draw from a counter-based hash of (seed, layer, step): a recompute draws the same,
+  and a compiled forward needs no generator object.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class RunInfo:
     ``source``: ``[B, N, N0]`` which input tokens each output token covers (with ``trace_source=True``);
     ``index``: ``[B, N0]`` (long) the output token covering each input token, -1 where it was dropped (None if
     nothing was merged); :func:`vtome.unmerge` uses it. All detached.
-    ``flop_ratio``: unpatched / patched transformer FLOPs of this forward (:class:`vtome.flops.FlopModel`).
+    ``flop_ratio``: unpatched / patched transformer FLOPs of this forward (:class:`vtome.flops.FlopModel`);
+    ``batch``: clips in the forward.
     """
 
     input_tokens: int = 0
@@ -67,6 +69,7 @@ class RunInfo:
     source: Tensor | None = None
     index: Tensor | None = None
     flop_ratio: float = 1.0
+    batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def merge_step(
         metric = layout.split(metric)[1]
     frames = layout.frames if layout.frames is not None and plan.aligned else 1
     if frames > 1:  # one matching per clip, on the keys averaged over its frames
-        metric = metric.unflatten(0, (-1, frames)).mean(1)
+        metric = metric.unflatten(0, (metric.shape[0] // frames, frames)).mean(1)
     p, r = layout.group_protected, plan.r_at(layer)
     dest, removed, discards = None, 0, False
     group_size = kept = None  # sizes in group layout (repeated steps) and positions kept in place
@@ -125,7 +128,7 @@ def merge_step(
             mode=plan.mode,
             threshold=plan.threshold,
             order=plan.order,
-            generator=_generator(plan, x.device, layer, step),
+            key=_key(plan, layer, step),
         )
         repeated = match.repeat(frames)
         if step + 1 < plan.steps[layer]:  # a repeated step matches on the merged keys
@@ -135,7 +138,8 @@ def merge_step(
                     if track.size is not None
                     else torch.ones(*repeated.dest.shape, 1, device=x.device, dtype=torch.float32)
                 )
-            metric = match.average(metric, group_size.unflatten(0, (-1, frames)).mean(1))[0]
+            clip_size = group_size.unflatten(0, (group_size.shape[0] // frames, frames)).mean(1)
+            metric = match.average(metric, clip_size)[0]
             group_size = repeated(group_size)
         if track.positions is not None and plan.position_merge == "destination":
             kept = repeated.keep(layout.split(track.positions)[1] if kept is None else kept)
@@ -167,13 +171,12 @@ def _compose(index: Tensor | None, dest: Tensor, never_discards: bool) -> Tensor
     return torch.where(index >= 0, dest.gather(1, index.clamp(min=0)), -1)
 
 
-def _generator(plan: Plan, device: torch.device, layer: int, step: int) -> torch.Generator | None:
-    """A generator seeded by (seed, layer, step) for the random modes; None (global RNG) without a seed."""
+def _key(plan: Plan, layer: int, step: int) -> int | None:
+    """The random modes' draws for (seed, layer, step) (:func:`vtome.merge.hashed_uniform`); None (the global RNG)
+    without a seed."""
     if plan.seed is None or not plan.mode.startswith("random"):
         return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(plan.seed * 1_000_003 + layer * 1_009 + step)
-    return generator
+    return plan.seed * 1_000_003 + layer * 1_009 + step
 
 
 class Merger:
@@ -188,10 +191,6 @@ class Merger:
         self.flop_model = flop_model
         self.run = RunInfo()
         self._checked: tuple[Plan, int] | None = None  # the plan and clip size last checked for capping
-
-    def merges(self) -> bool:
-        """Whether any layer will merge."""
-        return self.settings.plan.merges
 
     def bias(self, track: Track, dtype: torch.dtype) -> Tensor | None:
         """Proportional-attention mask ``[B, 1, 1, N]`` (``log(size)``), or None when not needed."""
@@ -216,7 +215,7 @@ class Merger:
             source = torch.eye(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1, -1)
         return Track(source=source, positions=positions)
 
-    def record(self, input_tokens: int, tokens_per_layer: list[int], track: Track) -> None:
+    def record(self, input_tokens: int, tokens_per_layer: list[int], track: Track, batch: int = 0) -> None:
         """Replace :attr:`run` with the record of the forward that just ended (tensors detached); warn about
         layers that were asked to merge more than half their tokens (eager forwards; a budget caps knowingly)."""
         if torch.compiler.is_exporting():
@@ -227,7 +226,7 @@ class Merger:
         ratio = self.flop_model.ratio(input_tokens, tokens_per_layer)
         tokens = tokens_per_layer[-1] if tokens_per_layer else input_tokens
         index = self.layout.global_index(track.index, tokens)
-        self.run = RunInfo(input_tokens, tokens_per_layer, track.size, track.source, index, ratio)
+        self.run = RunInfo(input_tokens, tokens_per_layer, track.size, track.source, index, ratio, batch)
 
     def _warn_capped(self, input_tokens: int) -> None:
         """Warn once per plan and clip size (a diagnostic: it changes nothing the model computes)."""
@@ -281,7 +280,7 @@ def encode(
             each(hidden_states, out)
         hidden_states, track = out[0], out[1].detach()
         counts.append(hidden_states.shape[1])
-    merger.record(input_tokens, counts, track)
+    merger.record(input_tokens, counts, track, hidden_states.shape[0])
     return Encoded(hidden_states, track)
 
 

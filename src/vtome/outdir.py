@@ -11,12 +11,14 @@
   repaired before resuming: kept if it is a whole record, else cut off (its video is evaluated again).
 - **Timing.** Each process keeps its measured model time in ``OUT/timing.rank<k>.json`` while it runs;
   these are folded into ``OUT/timing.json`` (one entry per session), so a re-run keeps measured speed.
+  The first forward of each session is a warm-up and is not timed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import time
@@ -284,7 +286,7 @@ def write_timing(out: Path, rank: int, clips: int, seconds: float) -> None:
     path = out / f"timing.rank{rank}.json"
     tmp = path.with_suffix(".tmp")
     try:
-        tmp.write_text(json.dumps({"clips": clips, "seconds": seconds}))
+        tmp.write_text(json.dumps({"clips": clips, "seconds": seconds, "warm": True}))
         tmp.replace(path)
     except OSError as err:
         raise write_error(path, err) from None
@@ -296,16 +298,17 @@ def fold_timing(out: Path) -> None:
     parts = sorted(out.glob("timing.rank*.json"))
     if not parts:
         return
-    clips, seconds = 0, 0.0
+    clips, seconds, warm = 0, 0.0, True
     for part in parts:
         try:
             t = json.loads(part.read_text())
             clips, seconds = clips + int(t["clips"]), max(seconds, float(t["seconds"]))
-        except (ValueError, KeyError, TypeError):
+            warm = warm and t.get("warm") is True
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue
     sessions = read_timing(out)
-    if clips and seconds > 0:
-        sessions.append({"clips": clips, "seconds": seconds, "processes": len(parts)})
+    if clips and seconds > 0 and warm:
+        sessions.append({"clips": clips, "seconds": seconds, "processes": len(parts), "warm": True})
     path = out / TIMING
     try:
         tmp = path.with_suffix(".json.tmp")
@@ -318,9 +321,21 @@ def fold_timing(out: Path) -> None:
 
 
 def read_timing(out: Path) -> list[dict]:
+    """The timed sessions of ``out``: only those measured after a warm-up forward (older vtome versions
+    timed the first forward too, whose one-time costs are not the model's speed)."""
     try:
         sessions = json.loads((out / TIMING).read_text())
-        return [s for s in sessions if isinstance(s, dict) and s.get("seconds", 0) > 0]
+        return [
+            s
+            for s in sessions
+            if isinstance(s, dict)
+            and s.get("warm") is True
+            and isinstance(s.get("seconds"), (int, float))
+            and math.isfinite(s["seconds"])
+            and s["seconds"] > 0
+            and isinstance(s.get("clips"), int)
+            and s["clips"] > 0
+        ]
     except (OSError, ValueError, TypeError):
         return []
 

@@ -35,7 +35,7 @@ def patch(
     layers: list[int] | None = None,
     order: str = "paper",
     divided: str | None = None,
-    position_merge: str = "mean",
+    position_merge: str | None = None,
     flops: float | None = None,
     inflection: float | None = None,
 ) -> nn.Module:
@@ -66,8 +66,8 @@ def patch(
         divided: divided space-time models only: ``per_frame`` (default; each frame picks its own pairs, as
             published) or ``aligned`` (one matching per clip from the keys averaged over its frames, so every
             frame merges the same slots). ``ValueError`` on joint space-time models.
-        position_merge: models with rotary positions (V-JEPA 2): a merged token sits at the size-weighted
-            ``mean`` position of its patches, or at its ``destination`` token's position.
+        position_merge: models with rotary positions (V-JEPA 2) only: a merged token sits at the size-weighted
+            ``mean`` position of its patches (default), or at its ``destination`` token's position.
         flops: instead of ``r``, a budget: the fraction of the unpatched transformer FLOPs to keep (e.g. 0.5).
             It is resolved from the FLOP model (:mod:`vtome.flops`) to the smallest ``r`` that meets it, with
             ``start_layer``, ``layers`` and ``duplicate`` taken into account; ``settings(model).r`` shows the
@@ -84,6 +84,11 @@ def patch(
         raise ValueError(
             f"divided={divided!r} applies to divided space-time models (TimeSformer, Motionformer); "
             f"{type(model).__name__} attends jointly over the clip, so leave divided unset"
+        )
+    if not adapter.positions and position_merge is not None:
+        raise ValueError(
+            f"position_merge={position_merge!r} applies to models with rotary positions (V-JEPA 2); "
+            f"{type(model).__name__} has none, so leave position_merge unset"
         )
     if flops is not None and r != 0:
         raise ValueError("pass either r (tokens per layer) or flops (a budget), not both")
@@ -103,7 +108,7 @@ def patch(
         layers=layers,
         order=order,
         divided=(divided or "per_frame") if layout.frames is not None else None,
-        position_merge=position_merge,
+        position_merge=(position_merge or "mean") if adapter.positions else None,
         flops=flops,
     )
     if flops is not None:
@@ -133,10 +138,10 @@ def _fraction_for(model: nn.Module, adapter: Adapter, settings: MergeSettings) -
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore ``model``'s own classes (no-op if it is not patched). ``ValueError`` for a submodule of a patched
     model: unpatch the model that was patched."""
-    if merger_of(model) is not None and not is_root(model):
+    if not is_root(model) and any(merger_of(module) is not None for module in model.modules()):
         raise ValueError(
-            f"this {type(model).__name__} is part of a patched model; call vtome.unpatch on the model you patched "
-            "(the one passed to vtome.patch)"
+            f"this {type(model).__name__} is part of a patched model (or holds parts of one); call vtome.unpatch "
+            "on the model you patched (the one passed to vtome.patch)"
         )
     for module in model.modules():
         restore(module)
@@ -172,14 +177,17 @@ def unmerge(model: nn.Module, tokens: Tensor) -> Tensor:
         )
     if tokens.dim() != 3:
         raise ValueError(f"unmerge expects tokens [batch, tokens, channels]; got shape {tuple(tokens.shape)}")
-    n_out = run.tokens_per_layer[-1] if run.tokens_per_layer else None
-    if n_out is None or tokens.shape[1] != n_out:
+    if not run.tokens_per_layer:
+        raise ValueError("unmerge needs the model's last forward, and none has run yet; run the model first")
+    n_out = run.tokens_per_layer[-1]
+    if tokens.shape[1] != n_out:
         raise ValueError(
             f"unmerge expects the {n_out} tokens of the model's last forward, got {tokens.shape[1]}; "
             "run the model on the clip first, then unmerge its output"
         )
-    if run.index is not None and run.index.shape[0] != tokens.shape[0]:
-        raise ValueError(f"the last forward had batch {run.index.shape[0]}, these tokens have {tokens.shape[0]}")
+    batch = run.index.shape[0] if run.index is not None else run.batch
+    if tokens.shape[0] != batch:
+        raise ValueError(f"the last forward had batch {batch}, these tokens have {tokens.shape[0]}")
     index = None if run.index is None else run.index.to(tokens.device)
     return unmerge_tokens(tokens, index)
 

@@ -8,6 +8,7 @@ rebuilt from the settings at every assignment, so it can never disagree with wha
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -33,6 +34,14 @@ class FrozenDict(dict):
     """A read-only ``dict`` (``duplicate``): reads, equality, JSON and ``dataclasses.asdict`` as a dict;
     every in-place change raises ``TypeError``. Pickles and copies as a new one."""
 
+    def __new__(cls, *args: object, **kwargs: object) -> FrozenDict:
+        self = super().__new__(cls)
+        dict.__init__(self, *args, **kwargs)  # filled here, once: __init__ cannot refill it later
+        return self
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
     def _refuse(self, *args: object, **kwargs: object) -> None:
         raise TypeError(
             "merge settings are values and cannot be changed in place; assign a new one instead, e.g. "
@@ -52,35 +61,30 @@ class FrozenDict(dict):
 
 
 def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _check_r(r: object, num_layers: int) -> int | Inflection | tuple[int, ...]:
+    """``r`` as stored: an int; an :class:`Inflection` (two values, the second a float: ``(8, 0.5)``,
+    ``[8, -1.0]``); or a tuple of one int per layer (a list or tuple of ints)."""
     allowed = (
-        "r must be an int >= 0 (tokens removed per layer), an (r, inflection) tuple with inflection a float in "
-        f"[-1, 1], or a list of {num_layers} ints >= 0 (one per layer)"
+        "r must be an int >= 0 (tokens removed per layer), an (r, inflection) pair with inflection a float in "
+        f"[-1, 1] such as (8, 0.5), or a list of {num_layers} ints >= 0 (one per layer)"
     )
     if _is_int(r):
         if r < 0:
             raise ValueError(f"{allowed}; got r={r}")
-        return r
-    if isinstance(r, (list, tuple)):
-        per_layer = isinstance(r, list) or (
-            not isinstance(r, Inflection)
-            and len(r) == num_layers
-            and not (len(r) == 2 and isinstance(r[1], float))
-            and all(_is_int(v) for v in r)
-        )
-        if per_layer:
-            if len(r) != num_layers or not all(_is_int(v) and v >= 0 for v in r):
-                raise ValueError(f"{allowed}; got a list of {len(r)} values: {list(r)!r}")
-            return tuple(r)
-        if len(r) != 2 or not _is_int(r[0]) or r[0] < 0 or isinstance(r[1], bool):
-            raise ValueError(f"{allowed}; got r={r!r}")
-        if not isinstance(r[1], (int, float)) or not -1.0 <= float(r[1]) <= 1.0:
-            raise ValueError(f"{allowed}; got inflection {r[1]!r}")
-        return Inflection(r[0], float(r[1]))
-    raise ValueError(f"{allowed}; got {type(r).__name__} {r!r}")
+        return int(r)
+    if not isinstance(r, (list, tuple)):
+        raise ValueError(f"{allowed}; got {type(r).__name__} {r!r}")
+    if isinstance(r, Inflection) or (len(r) == 2 and isinstance(r[1], numbers.Real) and not _is_int(r[1])):
+        if not _is_int(r[0]) or r[0] < 0 or not -1.0 <= float(r[1]) <= 1.0:
+            raise ValueError(f"{allowed}; got r={r!r} (inflection must be in [-1, 1])")
+        return Inflection(int(r[0]), float(r[1]))
+    if len(r) != num_layers or not all(_is_int(v) and v >= 0 for v in r):
+        raise ValueError(f"{allowed}; got a list of {len(r)} values: {list(r)!r}")
+    return tuple(int(v) for v in r)
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...], meaning: str = "") -> str:
@@ -112,7 +116,7 @@ class Plan:
     prop_attn: bool
     seed: int | None
     aligned: bool
-    position_merge: str
+    position_merge: str | None
     trace_source: bool
     budgeted: bool  # r was resolved from a FLOP budget (capping is then expected, not warned about)
 
@@ -155,7 +159,7 @@ class MergeSettings:
     layers: tuple[int, ...] | None = None
     order: str = "paper"
     divided: str | None = None  # divided space-time models only: "per_frame" or "aligned"
-    position_merge: str = "mean"  # models with positional attention (RoPE): "mean" or "destination"
+    position_merge: str | None = None  # models with rotary positions (V-JEPA 2) only: "mean" or "destination"
     flops: float | None = None  # the FLOP budget r was resolved from (vtome.patch(model, flops=...)), if any
 
     def __post_init__(self) -> None:
@@ -191,12 +195,9 @@ class MergeSettings:
         """``r`` for each layer, before capping (0 outside ``layers`` and before ``start_layer``)."""
         return list(self.plan.r)
 
-    def r_at(self, layer: int) -> int:
-        """``r`` for ``layer`` (as in :meth:`schedule`; 0 past the last layer)."""
-        return self.plan.r_at(layer)
-
     def to_dict(self) -> dict:
-        """Every field as plain JSON-ready values (tuples as lists, ``duplicate`` as a dict)."""
+        """Every field as plain JSON-ready values (tuples as lists, ``duplicate`` as a dict); assigning them back
+        gives the same settings (an inflection stays a float, so ``[8, 0.5]`` reads as ``(r, inflection)``)."""
         out = dataclasses.asdict(self)
         out["r"] = list(self.r) if isinstance(self.r, tuple) else self.r
         out["duplicate"] = dict(self.duplicate)
@@ -204,7 +205,8 @@ class MergeSettings:
         return out
 
     def _build_plan(self) -> Plan:
-        r = self.r if isinstance(self.r, int) else tuple(self.r) if isinstance(self.r, Inflection) else list(self.r)
+        per_layer = isinstance(self.r, tuple) and not isinstance(self.r, Inflection)
+        r = list(self.r) if per_layer else self.r  # parse_schedule: a list per layer, a tuple (r, inflection)
         values = parse_schedule(r, self.num_layers, self.start_layer)
         if self.layers is not None:
             values = [v if i in self.layers else 0 for i, v in enumerate(values)]
@@ -244,6 +246,14 @@ class MergeSettings:
         if name == "head_aggregation":
             return _choice("head_aggregation", value, HEAD_AGGREGATIONS)
         if name == "position_merge":
+            unpositioned = "position_merge" in self.__dict__ and self.__dict__["position_merge"] is None
+            if unpositioned and value is not None:
+                raise ValueError(
+                    "position_merge applies to models with rotary positions (V-JEPA 2) only; this model's attention "
+                    "does not depend on token positions"
+                )
+            if value is None and "position_merge" not in self.__dict__:
+                return None
             return _choice(
                 "position_merge",
                 value,
@@ -268,13 +278,13 @@ class MergeSettings:
                 "shared by all its frames)",
             )
         if name == "threshold":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -1.0 <= value <= 1.0:
                 raise ValueError(f"threshold is a cosine similarity and must be a number in [-1, 1]; got {value!r}")
             return float(value)
         if name == "start_layer":
             if not _is_int(value) or not 0 <= value <= n:
                 raise ValueError(f"start_layer must be an int in [0, {n}]; got {value!r}")
-            return value
+            return int(value)
         if name in ("prop_attn", "trace_source"):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False; got {value!r}")
@@ -287,7 +297,7 @@ class MergeSettings:
             value = list(value)
             if not all(_is_int(i) and 0 <= i < n for i in value):
                 raise ValueError(f"layers must list layer indices in [0, {n - 1}]; got {value!r}")
-            return tuple(sorted(set(value)))
+            return tuple(sorted({int(i) for i in value}))
         if name == "duplicate":
             if value is None:
                 return FrozenDict()
@@ -297,15 +307,15 @@ class MergeSettings:
                 raise ValueError(
                     f"duplicate maps layer index (an int, 0..{n - 1}) -> extra merge steps (an int >= 0); got {value!r}"
                 )
-            return FrozenDict(value)
+            return FrozenDict({int(k): int(v) for k, v in value.items()})
         if name == "seed":
             if value is not None and not _is_int(value):
                 raise ValueError(f"seed must be an int or None; got {value!r}")
-            return value
+            return None if value is None else int(value)
         if name == "flops":
             if value is None:
                 return None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
                 raise ValueError(
                     "flops is the fraction of the unpatched FLOPs to keep, a number in (0, 1] (0.5: half); "
                     f"got {value!r}"

@@ -110,6 +110,39 @@ def placement_grid(rs: list[int], modes: list[str], num_layers: int) -> list[dic
     return grid
 
 
+def sweep_grid(
+    model: str | torch.nn.Module,
+    rs: list[int],
+    modes: list[str],
+    start_layers: list[int] | None = None,
+    layers: list[int] | None = None,
+    placement: bool = False,
+) -> list[dict]:
+    """The settings of a sweep: :func:`settings_grid`, or with ``placement`` :func:`placement_grid` (which
+    chooses the merging layers itself, so ``layers`` and ``start_layers`` other than ``[0]`` are refused
+    rather than ignored). A value listed twice is refused too."""
+    for flag, values in (("--r", rs), ("--modes", modes), ("--start-layers", start_layers or [])):
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise ValueError(f"{flag} lists {twice} twice; give each value once")
+    if not placement:
+        return settings_grid(rs, modes, start_layers, layers)
+    if layers is not None:
+        raise ValueError(
+            "--layers has no effect with --placements, which compares its own layer sets (all, halves, thirds); "
+            "drop one of the two"
+        )
+    if start_layers not in (None, [0]):
+        raise ValueError(
+            f"--start-layers {','.join(map(str, start_layers))} has no effect with --placements, which compares its "
+            "own layer sets (all, halves, thirds); drop one of the two"
+        )
+    from vtome.zoo import load_model
+
+    probe = model if isinstance(model, torch.nn.Module) else load_model(model)
+    return placement_grid(rs, modes, probe.config.num_hidden_layers)
+
+
 # EvalConfig fields that do not change a prediction (every other field, new ones included, names the folder).
 _NOT_SETTINGS = ("out", "batch_size", "workers", "limit", "progress")
 
@@ -192,10 +225,12 @@ def run_sweep(
             row["speedup"] = row["clips_per_s"] / base_speed if base_speed and row["clips_per_s"] else None
         if rank == 0:
             try:
-                with (out / "sweep.csv").open("w", newline="") as f:
+                tmp = out / "sweep.csv.tmp"  # a kill mid-write leaves the previous sweep.csv whole
+                with tmp.open("w", newline="") as f:
                     writer = csv.DictWriter(f, fieldnames=COLUMNS)
                     writer.writeheader()
                     writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
+                tmp.replace(out / "sweep.csv")
                 title = f"{base.model if isinstance(base.model, str) else ''} {base.dataset}"
                 plot_sweep(rows, out / "sweep.png", title=title)
             except OSError as err:

@@ -66,7 +66,7 @@ def groups_after_layer(
     layers = vtome.settings(probe).num_layers
     if layer is not None:
         if not 0 <= layer < layers:
-            raise ValueError(f"--layer must be in [0, {layers - 1}]; got {layer}")
+            raise ValueError(f"layer must be in [0, {layers - 1}]; got {layer}")
         schedule = vtome.settings(probe).schedule()
         vtome.settings(probe).r = [r if i <= layer else 0 for i, r in enumerate(schedule)]
         vtome.settings(probe).start_layer = 0
@@ -160,7 +160,7 @@ def visualize_clip(
     """Drawn frames ``[T, H * scale, W * scale, 3]`` and the group of each input token ``[N0]``, for
     ``model`` merging as asked (``patch_kwargs`` go to :func:`vtome.patch`)."""
     if fill not in FILLS:
-        raise ValueError(f"--fill must be one of {', '.join(FILLS)}; got {fill!r}")
+        raise ValueError(f"fill must be one of {', '.join(FILLS)}; got {fill!r}")
     groups = groups_after_layer(model, clip.pixel_values, layer, **patch_kwargs)
     positions, tubelet, patch = adapter_for(model).token_positions(model)
     side = clip_shape(model)[2] // patch

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -53,13 +54,14 @@ class Adapter:
     own base); ``layers_attr``: the path from the base model to its ``nn.ModuleList`` of layers;
     ``attention``: the FLOP model's attention kind (:data:`vtome.flops.ATTENTIONS`); ``prop_attn``: the
     family's default for proportional attention; ``swaps``: ``(path, patched class)`` pairs, where a path
-    starts at ``model`` (the model itself), ``base`` or ``layer`` (each encoder layer, which also gives the
-    module its layer index), ``*`` stands for every item of a module list, and a module that is missing or
-    not of the patched class's stock class is skipped;
-    ``layout_of(model)``: where the mergeable tokens sit; ``positions_of(model)``: ``([N0, 3]`` input token
+    starts at ``model`` (the model itself, swapped when it is of the patched class's stock class), ``base`` or
+    ``layer`` (each encoder layer, which also gives the module its layer index), ``*`` stands for every item of
+    a module list; a missing module is skipped, one of another class is refused;
+    ``layout(model)``: where the mergeable tokens sit; ``token_positions(model)``: ``([N0, 3]`` input token
     positions ``(first frame, row, column)``, -1 for a class token; frames per token; patch size);
     ``pooler_of(model)``: self-attention layers of an attentive pooler after the encoder (None: none);
-    ``models``: the stock classes :func:`vtome.patch` takes (their subclasses too).
+    ``models``: the stock classes :func:`vtome.patch` takes (their subclasses too); ``positions``: its attention
+    depends on token positions (rotary), which then travel with the tokens.
     """
 
     family: str
@@ -69,9 +71,10 @@ class Adapter:
     attention: str
     prop_attn: bool
     swaps: tuple[tuple[str, type[nn.Module]], ...]
-    layout_of: Callable[[nn.Module], Layout]
-    positions_of: Callable[[nn.Module], tuple[Tensor, int, int]]
+    layout: Callable[[nn.Module], Layout]
+    token_positions: Callable[[nn.Module], tuple[Tensor, int, int]]
     pooler_of: Callable[[nn.Module], int | None] = _no_pooler
+    positions: bool = False
 
     def base(self, model: nn.Module) -> nn.Module:
         """The base model (the one that takes the clip and runs the encoder)."""
@@ -81,18 +84,13 @@ class Adapter:
         """The encoder's layers."""
         return _resolve(self.base(model), self.layers_attr)
 
-    def layout(self, model: nn.Module) -> Layout:
-        return self.layout_of(model)
-
-    def token_positions(self, model: nn.Module) -> tuple[Tensor, int, int]:
-        return self.positions_of(model)
-
     def flop_model(self, model: nn.Module) -> FlopModel:
         c = model.config
         return FlopModel(self.attention, c.hidden_size, self.layout(model).frames, self.pooler_of(model))
 
     def targets(self, model: nn.Module) -> Iterator[tuple[nn.Module, type[nn.Module], int | None]]:
-        """``(module, patched class, layer index or None)`` for every module the patch swaps."""
+        """``(module, patched class, layer index or None)`` for every module the patch swaps; ``TypeError`` for a
+        module at a swap path that is not of the stock class (e.g. wrapped by the user)."""
         for path, patched in self.swaps:
             root, _, rest = path.partition(".")
             if root == "layer":
@@ -103,6 +101,11 @@ class Adapter:
                 for module in _resolve_all(start, rest.split(".") if rest else []):
                     if isinstance(module, _stock(patched)):
                         yield module, patched, index
+                    elif path != "model":
+                        raise TypeError(
+                            f"vtome cannot patch this {type(model).__name__}: its module at {path!r} is a "
+                            f"{type(module).__name__}, not a {_stock(patched).__name__} (or a subclass)"
+                        )
 
 
 def _resolve(module: nn.Module, path: str) -> nn.Module | None:
@@ -184,14 +187,13 @@ def restore(module: nn.Module) -> None:
 
 def _patched_class(cls: type[nn.Module], patched: type[nn.Module]) -> type[nn.Module]:
     """The class a module of class ``cls`` gets: ``patched`` itself for the stock class; for a user's subclass
-    a class with the user's class first (its methods and overrides stay in effect) and ``patched`` after it.
-    ``TypeError`` when the user's class overrides a ``forward`` the patch must replace."""
+    a class composed of both (the user's methods, and its forward where the patched class keeps a user's
+    forward). ``TypeError`` when the user's class overrides a ``forward`` the patch must replace."""
     stock = _stock(patched)
-    if cls is stock or cls is patched:
-        return patched
-    if "_vtome_parts" in cls.__dict__:  # already composed (patched again)
-        return cls
-    own = [c for c in cls.__mro__[: cls.__mro__.index(stock)] if "forward" in c.__dict__]
+    if cls is stock or issubclass(cls, patched):  # (a patched class built unpatched, e.g. by from_pretrained)
+        return cls if cls is not stock else patched
+    # (transformers wraps the forward of every checkpointing layer subclass: compare the functions inside)
+    own = inspect.unwrap(cls.forward) is not inspect.unwrap(stock.forward)
     if own and not getattr(patched, "keeps_user_forward", False):
         raise TypeError(
             f"vtome cannot patch {cls.__qualname__}: it overrides forward, which vtome replaces in a "
@@ -203,10 +205,14 @@ def _patched_class(cls: type[nn.Module], patched: type[nn.Module]) -> type[nn.Mo
 
 @functools.cache
 def _composed(user: type[nn.Module], patched: type[nn.Module]) -> type[nn.Module]:
+    # The user's class first where its forward may stay in effect; else the patched forward first (the user's
+    # class then only adds methods, and transformers' forward wrapper in it must not shadow the patched one).
+    bases = (user, patched) if getattr(patched, "keeps_user_forward", False) else (patched, user)
+    # A name of its own (transformers keys its output-capture registry by class name: the user's entry stays).
     composed = type(
         user.__name__,
-        (user, patched),
-        {"__module__": user.__module__, "__qualname__": user.__qualname__, "_vtome_parts": (user, patched)},
+        bases,
+        {"__module__": user.__module__, "__qualname__": f"{user.__qualname__}[vtome]", "_vtome_parts": (user, patched)},
     )
     composed.__reduce_ex__ = _reduce_composed
     return register_outputs(composed, user)
@@ -260,8 +266,8 @@ def attend(
     projected keys ``[B, N, H*d]`` before rotation (the merging metric).
     """
     query, key, value = projections
-    shape = (*hidden_states.shape[:-1], -1, head_dim)
     projected_keys = key(hidden_states)
+    shape = (*hidden_states.shape[:-1], projected_keys.shape[-1] // head_dim, head_dim)  # (no -1: batch 0 works)
     queries = query(hidden_states).view(shape).transpose(1, 2)
     keys = projected_keys.view(shape).transpose(1, 2)
     values = value(hidden_states).view(shape).transpose(1, 2)
@@ -270,7 +276,7 @@ def attend(
     context, probs = attention(
         module, queries, keys, values, mask, is_causal=False, scaling=scaling, dropout=dropout, **kwargs
     )
-    return context.reshape(*context.shape[:-2], -1), probs, projected_keys
+    return context.flatten(-2), probs, projected_keys
 
 
 def block(

@@ -66,6 +66,6 @@ ADAPTER = Adapter(
     attention="trajectory",
     prop_attn=True,
     swaps=(("model", MotionformerForVideoClassification), ("layer", MotionformerLayer)),
-    layout_of=lambda model: Layout(protected=1, frames=model.config.temporal_positions, time_minor=False),
-    positions_of=_positions,
+    layout=lambda model: Layout(protected=1, frames=model.config.temporal_positions, time_minor=False),
+    token_positions=_positions,
 )

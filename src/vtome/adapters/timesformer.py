@@ -174,6 +174,6 @@ ADAPTER = Adapter(
         ("layer.attention.attention", TimesformerSelfAttention),
         ("layer.temporal_attention.attention", TimesformerSelfAttention),
     ),
-    layout_of=_layout,
-    positions_of=_positions,
+    layout=_layout,
+    token_positions=_positions,
 )

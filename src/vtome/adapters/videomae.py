@@ -145,6 +145,6 @@ ADAPTER = Adapter(
         ("layer", VideoMAELayer),
         ("layer.attention.attention", VideoMAESelfAttention),
     ),
-    layout_of=_layout,
-    positions_of=_positions,
+    layout=_layout,
+    token_positions=_positions,
 )

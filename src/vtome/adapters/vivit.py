@@ -93,7 +93,7 @@ class VivitModel(hf.VivitModel):
             check_input(merger, self.config, pixel_values, FAMILY)
         embedding_output = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         if attention_mask is not None:
-            if merger is not None and merger.merges():
+            if merger is not None and merger.settings.plan.merges:
                 raise ValueError(
                     "vtome: an attention_mask cannot follow merged tokens (a merged token covers several input "
                     "positions); call the model without one, or patch with r=0"
@@ -127,6 +127,6 @@ ADAPTER = Adapter(
     attention="joint",
     prop_attn=True,
     swaps=(("base", VivitModel), ("layer", VivitLayer), ("layer.attention", VivitAttention)),
-    layout_of=lambda model: Layout(protected=1),
-    positions_of=_positions,
+    layout=lambda model: Layout(protected=1),
+    token_positions=_positions,
 )

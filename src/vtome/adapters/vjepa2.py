@@ -171,7 +171,7 @@ class VJEPA2Encoder(hf.VJEPA2Encoder):
         merger: Merger = merger_of(self)
         hidden_states = self.embeddings(pixel_values_videos)
         positions = None
-        if merger.merges():  # else the stock ids: bit-exact at r = 0
+        if merger.settings.plan.merges:  # else the stock ids: bit-exact at r = 0
             positions = grid_ids(self.layer[0].attention, hidden_states).expand(hidden_states.shape[0], -1, -1)
         encoded = encode(merger, self.layer, hidden_states, positions=positions, **kwargs)
         index = merger.layout.global_index(encoded.track.index, encoded.hidden_states.shape[1])
@@ -382,7 +382,8 @@ ADAPTER = Adapter(
         ("layer.attention", VJEPA2RopeAttention),
         ("model.pooler.self_attention_layers.*.self_attn", VJEPA2PoolerSelfAttention),
     ),
-    layout_of=lambda model: Layout(protected=0),
-    positions_of=_positions,
+    layout=lambda model: Layout(protected=0),
+    token_positions=_positions,
     pooler_of=_pooler_layers,
+    positions=True,
 )

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,14 @@ def read_dataset(
     if not root.is_dir():
         what = "is a file" if root.is_file() else "does not exist"
         raise FileNotFoundError(f"dataset root {root} is not a directory (it {what}); check --root")
+    unused = {
+        "folder": [("--split", split), ("--labels", labels)],
+        "epic": [("--labels", labels)],
+        "k400": [("--labels", labels)] if split is None else [],
+    }.get(kind, [])
+    for flag, value in unused:
+        if value is not None:
+            raise DatasetError(f"{flag} {value} has no effect with --dataset {kind}: {_UNUSED[kind, flag]}")
     if kind == "k400":
         data = _kinetics(root, split, labels, label2id)
     elif kind == "ssv2":
@@ -78,6 +88,17 @@ def read_dataset(
         data = _folder(root, "folder", label2id)
     _check_present(data, root)
     return data
+
+
+_UNUSED = {
+    ("folder", "--split"): "a folder dataset lists root/<class>/<video>; to evaluate the videos of a list file, "
+    "use --dataset k400 --split FILE",
+    ("folder", "--labels"): "class names are the folder names; to name classes from a file, use --dataset k400 "
+    "--split FILE --labels FILE",
+    ("epic", "--labels"): "EPIC-KITCHENS classes are the verb_class and noun_class indices of the annotation CSV",
+    ("k400", "--labels"): "without --split the classes are the folder names; pass --split FILE as well to name the "
+    "classes of a list file",
+}
 
 
 def _check_present(data: Dataset, root: Path) -> None:
@@ -192,10 +213,29 @@ def _json(path: Path, what: str) -> object:
 
 
 def _text(path: Path, what: str) -> str:
+    """The file as text, line ends as they are: UTF-8, a leading byte order mark dropped."""
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            return f.read()
     except UnicodeDecodeError:
         raise DatasetError(f"{path}: {what} is not a UTF-8 text file") from None
+
+
+def _lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """``(line number, line)`` of a text file, split at ``\\n`` only (a ``\\r`` before it is dropped); a line
+    holding any other control or invisible character (a BOM past the start, a stray ``\\r``, U+2028, ...) is
+    a ``DatasetError``: such a character would become part of a path or name without being seen."""
+    lines = []
+    for n, line in enumerate(_text(path, what).split("\n"), 1):
+        line = line.removesuffix("\r")
+        bad = next((c for c in line if c != "\t" and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+        if bad is not None:
+            raise DatasetError(
+                f"{path}:{n}: holds the invisible character U+{ord(bad):04X} "
+                f"({unicodedata.name(bad, 'control character')}); remove it"
+            )
+        lines.append((n, line))
+    return lines
 
 
 def _json_entries(path: Path, what: str) -> list[tuple[int, object]]:
@@ -226,9 +266,31 @@ def _read_label_names(path: Path) -> list[str]:
                 raise DatasetError(f"{path}: class indices must run 0..{len(names) - 1}; missing {gaps}")
             return [names[i] for i in range(len(names))]
         if isinstance(data, list) and all(isinstance(x, str) for x in data):
+            twice = next((x for i, x in enumerate(data) if x in data[:i]), None)
+            if twice is not None:
+                raise DatasetError(f"{path}: class name {twice!r} is listed twice")
             return list(data)
         raise DatasetError(f"{path}: expected a JSON list of class names or a {{name: index}} object")
-    return [line.strip() for line in _text(path, "the labels file").splitlines() if line.strip()]
+    names: list[str] = []
+    first: dict[str, int] = {}
+    blank = None
+    for n, line in _lines(path, "the labels file"):
+        name = line.strip()
+        if not name:
+            blank = blank or n
+            continue
+        if blank is not None:
+            raise DatasetError(
+                f"{path}:{blank}: blank line before the last class name; line k names class k-1, so a blank line "
+                "would shift every class after it. Remove it"
+            )
+        if name in first:
+            raise DatasetError(f"{path}:{n}: class name {name!r} is listed twice (first at line {first[name]})")
+        first[name] = n
+        names.append(name)
+    if not names:
+        raise DatasetError(f"{path}: no class names; expected one name a line (line k names class k-1)")
+    return names
 
 
 def _label_index(data: dict, path: Path) -> dict[str, int]:
@@ -255,9 +317,16 @@ def _where(path: Path, key: str) -> str:
 
 
 def _split_path(root: Path, split: str | Path, what: str) -> Path:
+    """``split`` as given, else under ``root``; ``DatasetError`` if both exist and are different files."""
     path = Path(split)
-    if not path.is_absolute() and not path.exists():
-        path = root / path
+    if not path.is_absolute():
+        here, there = path, root / path
+        if here.exists() and there.exists() and not os.path.samefile(here, there):
+            raise DatasetError(
+                f"{what} {split} is ambiguous: both {here.resolve()} and {there} exist; pass the one you mean "
+                "as an absolute path"
+            )
+        path = here if here.exists() else there
     if path.is_dir():
         raise DatasetError(f"{what} {split} is a folder; --split takes a file")
     if not path.is_file():
@@ -265,31 +334,66 @@ def _split_path(root: Path, split: str | Path, what: str) -> Path:
     return path
 
 
+_LABEL = re.compile(r"(?P<sep>[\s,]+)(?P<label>[+-]?\d+)\s*$")
+
+
+def split_line(line: str, where: str) -> tuple[str, int]:
+    """One split-file line -> ``(relative path, label)``. The label is the last field, an integer after a run
+    of spaces, tabs or commas; the path is everything before that run, exactly as written (runs of spaces,
+    commas, quotes inside it are part of the name), with whitespace at the line's start dropped. A path
+    in double quotes (``"a b.mp4" 3``; ``""`` for a quote inside) is the text between them. A line whose
+    unquoted path ends in a separated number (``a.mp4 300 2``, ``path frames label``) is ambiguous and
+    refused: quote the path if its name really ends that way."""
+    expected = "expected 'relative/path.mp4 label_index' (label: the last field)"
+    text = line.strip(" \t")
+    if text.startswith('"'):
+        end = 1
+        while True:
+            end = text.find('"', end)
+            if end < 0:
+                raise DatasetError(f"{where}: the path's opening quote is never closed; {expected}, got {line!r}")
+            if text[end + 1 : end + 2] != '"':
+                break
+            end += 2
+        rel, rest = text[1:end].replace('""', '"'), text[end + 1 :]
+        label = re.fullmatch(r"[\s,]+(?P<label>[+-]?\d+)\s*", rest)
+        if label is None or not rel:
+            raise DatasetError(f"{where}: {expected} after the quoted path, got {line!r}")
+        value = int(label["label"])
+    else:
+        found = _LABEL.search(text)
+        if found is None or found.start() == 0:
+            raise DatasetError(f"{where}: {expected}, got {line!r}")
+        rel, value = text[: found.start()], int(found["label"])
+        if re.search(r"[\s,][+-]?\d+$", rel):
+            raise DatasetError(
+                f"{where}: ambiguous line {line!r}: the path ends in a separated number too (is it 'path frames "
+                "label'?). Expected 'relative/path.mp4 label_index'; if the file name really ends that way, put "
+                'the path in double quotes ("name 300" 2)'
+            )
+    if value < 0:
+        raise DatasetError(f"{where}: label {value} is negative; class indices start at 0")
+    return rel, value
+
+
 def _kinetics(
     root: Path, split: str | Path | None, labels: str | Path | None, label2id: Mapping[str, int] | None
 ) -> Dataset:
-    """A list file of ``relative/path.mp4 label_index`` lines (SlowFast style; space or comma), else
-    the folder-per-class layout."""
+    """A list file of ``relative/path.mp4 label_index`` lines (see :func:`split_line`), else the
+    folder-per-class layout."""
     if split is None:
-        data = _folder(root, "k400", label2id)
-        if labels:
-            data.notes.append(f"--labels {labels} is not used without --split: the class names are the folder names")
-        return data
+        return _folder(root, "k400", label2id)
     split = _split_path(root, split, "split file")
     samples: list[Sample] = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(_text(split, "the split file").splitlines(), 1):
+    for n, line in _lines(split, "the split file"):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        parts = re.split(r"[,\s]+", line.strip())
-        if len(parts) < 2 or not re.fullmatch(r"-?\d+", parts[-1]):
-            raise DatasetError(f"{split}:{n}: expected 'relative/path.mp4 label_index', got {line!r}")
-        rel, label = " ".join(parts[:-1]), int(parts[-1])
-        if label < 0:
-            raise DatasetError(f"{split}:{n}: label {label} is negative; class indices start at 0")
-        if rel in seen:
-            raise DatasetError(f"{split}:{n}: {rel} is listed twice (first at line {seen[rel]})")
-        seen[rel] = n
+        rel, label = split_line(line, f"{split}:{n}")
+        key = os.path.normpath(rel)
+        if key in seen:
+            raise DatasetError(f"{split}:{n}: {rel} is listed twice (first at line {seen[key]})")
+        seen[key] = n
         samples.append(Sample(id=rel, path=str(root / rel), label=label, where=f"{split}:{n}"))
     if not samples:
         raise DatasetError(f"{split}: no videos listed; expected 'relative/path.mp4 label_index' lines")
@@ -302,9 +406,7 @@ def _ssv2(root: Path, split: str | Path | None, labels: str | Path | None) -> Da
     """Official ``labels.json`` ({template: index}) and ``validation.json`` ([{id, template, ...}]), videos
     at ``root/<id>.webm`` (or under ``20bn-something-something-v2/``), or frame folders ``root/<id>/``."""
     labels_path = Path(labels) if labels else root / "labels.json"
-    split_path = Path(split) if split else root / "validation.json"
-    if split and not split_path.is_absolute() and not split_path.exists():
-        split_path = root / split_path
+    split_path = _split_path(root, split, "validation.json") if split else root / "validation.json"
     for path, what, flag in ((labels_path, "labels.json", "--labels"), (split_path, "validation.json", "--split")):
         if not path.is_file():
             raise FileNotFoundError(f"Something-Something v2 needs {what}: {path} does not exist; check {flag}")
@@ -349,7 +451,7 @@ def _epic(root: Path, split: str | Path | None) -> Dataset:
         )
     samples = []
     seen: dict[str, int] = {}
-    with split_path.open(newline="", encoding="utf-8") as f:
+    with split_path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         needed = {"participant_id", "video_id", "start_frame", "stop_frame", "verb_class", "noun_class"}
         try:

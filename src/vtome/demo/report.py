@@ -6,7 +6,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from vtome.demo.run import DemoConfig
+from vtome.demo.run import DemoConfig, reached_title
 
 
 def _pct(x: float) -> str:
@@ -48,7 +48,7 @@ def print_report(report: dict, cfg: DemoConfig, console: Console) -> None:
     )
     console.print(
         _table(
-            f"Every mode at ~{cfg.target:g}x fewer FLOPs",
+            f"Every mode at {reached_title(report['main'], cfg.flops)} (flops: the fraction of the FLOPs kept)",
             ["model", "mode", "r", "FLOP ratio", "acc appearance", "acc temporal", "speedup"],
             [
                 [
@@ -65,6 +65,8 @@ def print_report(report: dict, cfg: DemoConfig, console: Console) -> None:
             else "r: tokens removed per layer (per frame for divided space-time models).",
         )
     )
+    for note in report.get("notes", []):
+        console.print(f"[bold]note[/]: {note}")
     console.print("[bold]Reading the accuracy-vs-FLOPs curve[/] (paired differences on the same clips, ±2 s.e.):")
     for line in report["reading"]:
         console.print(f"  - {line}")
@@ -72,11 +74,11 @@ def print_report(report: dict, cfg: DemoConfig, console: Console) -> None:
         console.print(
             _table(
                 "Matching order, merge mode: published A/B order (paper) vs tokens kept in spatial order",
-                ["model", "target", "order", "r", "FLOP ratio", "acc appearance", "acc temporal"],
+                ["model", "flops", "order", "r", "FLOP ratio", "acc appearance", "acc temporal"],
                 [
                     [
                         r["model"],
-                        f"{r['target']:g}x",
+                        f"{r['flops']:.2g}",
                         r["order"],
                         *_measured(r),
                     ]
@@ -89,13 +91,13 @@ def print_report(report: dict, cfg: DemoConfig, console: Console) -> None:
             _table(
                 "Matching schemes: joint space-time; divided space-time per-frame (published) vs aligned "
                 "(one matching per clip)",
-                ["model", "scheme", "mode", "target", "r", "FLOP ratio", "acc appearance", "acc temporal", "speedup"],
+                ["model", "scheme", "mode", "flops", "r", "FLOP ratio", "acc appearance", "acc temporal", "speedup"],
                 [
                     [
                         r["model"],
                         _scheme(r),
                         r["mode"],
-                        f"{r['target']:g}x",
+                        f"{r['flops']:.2g}",
                         *_measured(r),
                         _speedup(r),
                     ]
@@ -107,7 +109,8 @@ def print_report(report: dict, cfg: DemoConfig, console: Console) -> None:
     if report["placement"]:
         console.print(
             _table(
-                f"Where merging happens, merge mode at equal FLOPs (~{cfg.placement_ratio:g}x fewer)",
+                "Where merging happens, merge mode at equal FLOPs "
+                f"({reached_title(report['placement'], cfg.placement_flops)})",
                 ["model", "placement", "r", "FLOP ratio", "acc appearance", "acc temporal"],
                 [
                     [

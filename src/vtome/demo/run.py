@@ -2,13 +2,14 @@
 
 For every bundled model (``checkpoints.FAMILIES``) the demo measures, on the same held-out clips:
 
-- ``curve``: appearance and temporal accuracy of every reduction mode at several FLOP reductions (the
-  paper's Figure 3), unpatched as the reference; ``main`` is its slice at the target reduction;
+- ``curve``: appearance and temporal accuracy of every reduction mode at several FLOP budgets (``flops``,
+  the fraction of the unpatched FLOPs kept; the paper's Figure 3), unpatched as the reference; ``main`` is its
+  slice at the main budget;
 - ``speed``: measured speedups by the benchmark's interleaved method (:func:`vtome.bench.time_interleaved`:
   the unpatched model and every variant alternate in rotating rounds; medians), for the main table and the
   scheme comparison;
 - ``order``: the published A/B order against the spatial order (merge mode);
-- ``schemes``: merge and hybrid at two reductions, and for divided space-time models per-frame against
+- ``schemes``: merge and hybrid at two budgets, and for divided space-time models per-frame against
   aligned matching;
 - ``placement``: merging in all layers, the first half or the second half, at equal FLOPs.
 
@@ -32,6 +33,7 @@ import vtome
 from vtome.adapters import adapter_for
 from vtome.demo import checkpoints
 from vtome.demo.synth import ClipSpec, is_temporal, make_batch, make_clip, normalize
+from vtome.evaluate import _physical_memory
 from vtome.flops import BudgetWarning
 from vtome.merger import CapWarning
 
@@ -44,10 +46,11 @@ class DemoConfig:
     """What ``vtome demo`` measures; the defaults are the full run (a few minutes on 2 CPU cores)."""
 
     clips: int = 450  # held-out clips per model (30 per class)
-    ratios: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0)  # FLOP reductions on the curve
-    target: float = 2.0  # the main table's reduction
-    second: float = 2.5  # the scheme tables' second reduction
-    placement_ratio: float = 1.25  # reduction at which merging placements are compared (every half reaches it)
+    # FLOP budgets: the fraction of the unpatched FLOPs kept (vtome.patch(model, flops=...))
+    budgets: tuple[float, ...] = (2 / 3, 0.5, 0.4, 1 / 3)  # the curve's budgets (1.5x to 3x fewer FLOPs)
+    flops: float = 0.5  # the main table's budget
+    second_flops: float = 0.4  # the scheme tables' second budget
+    placement_flops: float = 0.8  # budget at which merging placements are compared (every half reaches it)
     threshold: float = 0.8  # hybrid: the paper's VideoMAE value
     batch_size: int = 50
     seed: int = 0  # data seed of the bundled models' held-out split
@@ -58,10 +61,46 @@ class DemoConfig:
     sections: tuple[str, ...] = ("curve", "order", "schemes", "placement")
     families: tuple[str, ...] | None = None  # default: every bundled model
 
+    def validate(self) -> None:
+        """``ValueError`` naming the option for any setting that could not take effect as given."""
+
+        def whole(value: object, least: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+        def budget(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value < 1.0
+
+        if not whole(self.clips, 15):
+            raise ValueError(f"clips must be an integer >= 15 (one clip per class); got {self.clips!r}")
+        for name, value in (("flops", self.flops), ("second_flops", self.second_flops)):
+            if not budget(value):
+                raise ValueError(
+                    f"{name} is the fraction of the unpatched FLOPs to keep, in (0, 1) (e.g. 0.5); got {value!r}"
+                )
+        if not budget(self.placement_flops):
+            raise ValueError(f"placement_flops must be in (0, 1); got {self.placement_flops!r}")
+        if not self.budgets or not all(budget(f) for f in self.budgets):
+            raise ValueError(f"budgets must be fractions in (0, 1); got {self.budgets!r}")
+        if isinstance(self.threshold, bool) or not (
+            isinstance(self.threshold, (int, float)) and -1.0 <= self.threshold <= 1.0
+        ):
+            raise ValueError(f"threshold is a cosine similarity, in [-1, 1]; got {self.threshold!r}")
+        for name, value, least in (
+            ("batch_size", self.batch_size, 1),
+            ("time_batch", self.time_batch, 1),
+            ("time_rounds", self.time_rounds, 1),
+            ("time_warmup", self.time_warmup, 0),
+        ):
+            if not whole(value, least):
+                raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
+        unknown = [f for f in self.families or () if f not in checkpoints.FAMILIES]
+        if unknown:
+            raise ValueError(f"families must be among {', '.join(checkpoints.FAMILIES)}; got {unknown}")
+
     @classmethod
     def quick(cls) -> DemoConfig:
         """The quick check: fewer clips, reductions and timing rounds; the main table, curve, speed and schemes."""
-        return cls(clips=150, ratios=(1.5, 2.0, 2.5), time_rounds=7, time_warmup=1, sections=("curve", "schemes"))
+        return cls(clips=150, budgets=(2 / 3, 0.5, 0.4), time_rounds=7, time_warmup=1, sections=("curve", "schemes"))
 
 
 @dataclass
@@ -116,6 +155,13 @@ class ModelRun:
         self.family, self.name, self.cfg = family, checkpoints.FAMILIES[family], cfg
         self.base = checkpoints.load(family)
         spec = ClipSpec(frames=self.base.config.num_frames, size=self.base.config.image_size)
+        need = cfg.clips * spec.frames * 3 * spec.size**2 * 4 * 2  # the clips, and their normalised copy
+        total = _physical_memory()
+        if total and need > total // 2:
+            raise ValueError(
+                f"--clips {cfg.clips} needs {need / 2**30:.1f} GiB for {self.name}'s generated clips (this machine has "
+                f"{total / 2**30:.1f} GiB); use fewer --clips"
+            )
         with _threads(1):  # many small tensor ops: extra threads only wait on each other
             clips, labels = make_batch(cfg.seed, "test", range(cfg.clips), spec)
         self.clips, self.labels = normalize(clips), labels
@@ -131,11 +177,11 @@ class ModelRun:
             warnings.simplefilter("ignore", BudgetWarning)
             return vtome.patch(copy.deepcopy(self.base), **setting)
 
-    def setting(self, ratio: float | None = None, mode: str = "merge", **extra: object) -> dict:
-        """Patch arguments for ``mode`` at ``ratio`` x fewer FLOPs (None: unpatched)."""
-        if ratio is None:
+    def setting(self, flops: float | None = None, mode: str = "merge", **extra: object) -> dict:
+        """Patch arguments for ``mode`` keeping the fraction ``flops`` of the FLOPs (None: unpatched)."""
+        if flops is None:
             return {}
-        s = {"mode": mode, "flops": 1.0 / ratio, **extra}
+        s = {"mode": mode, "flops": flops, **extra}
         if mode == "hybrid":
             s["threshold"] = self.cfg.threshold
         if mode.startswith("random"):
@@ -224,6 +270,7 @@ def _key(setting: dict) -> str:
 def run_demo(cfg: DemoConfig, on_step: Callable[[str], None] | None = None) -> dict:
     """Every section of the demo for every bundled model: ``{section: rows}``, ``reading`` (sentences) and
     ``config``. Sections: ``main``, ``curve``, ``speed``, ``order``, ``schemes``, ``placement``."""
+    cfg.validate()
     step = on_step or (lambda _msg: None)
     out: dict[str, list] = {"main": [], "curve": [], "speed": [], "order": [], "schemes": [], "placement": []}
     runs = []
@@ -231,12 +278,12 @@ def run_demo(cfg: DemoConfig, on_step: Callable[[str], None] | None = None) -> d
         step(f"{checkpoints.FAMILIES[family]}: generating {cfg.clips} held-out clips")
         run = ModelRun(family, cfg)
         runs.append(run)
-        ratios = sorted({*cfg.ratios, cfg.target})
-        out["curve"].append(run.result({}).row(target=1.0))
+        budgets = _budgets(cfg)
+        out["curve"].append(run.result({}).row(flops=1.0))
         for mode in MODES:
-            step(f"{run.name}: {mode} at {', '.join(f'{r:g}x' for r in ratios)}")
-            out["curve"] += [run.result(run.setting(ratio, mode)).row(target=ratio) for ratio in ratios]
-        main = [{}] + [run.setting(cfg.target, mode) for mode in MODES]
+            step(f"{run.name}: {mode} at flops {', '.join(f'{f:.2g}' for f in budgets)}")
+            out["curve"] += [run.result(run.setting(f, mode)).row(flops=f) for f in budgets]
+        main = [{}] + [run.setting(cfg.flops, mode) for mode in MODES]
         schemes = _scheme_settings(run, cfg) if "schemes" in cfg.sections else []
         timed: dict[str, dict] = {}
         if cfg.timing:
@@ -245,24 +292,57 @@ def run_demo(cfg: DemoConfig, on_step: Callable[[str], None] | None = None) -> d
             timed = run.speedups(main[1:] + extra)
             for s in main + extra:
                 out["speed"].append({**run.result(s).row(), **timed[_key(s)], "batch_size": cfg.time_batch})
-        out["main"] += [run.result(s).row(target=cfg.target, **_speed(timed, s)) for s in main]
+        out["main"] += [run.result(s).row(flops=cfg.flops if s else 1.0, **_speed(timed, s)) for s in main]
         if "order" in cfg.sections:
             step(f"{run.name}: matching orders")
-            for ratio in (cfg.target, cfg.second):
+            for flops in (cfg.flops, cfg.second_flops):
                 for order in ("paper", "spatial"):
-                    s = run.setting(ratio, "merge", **({"order": order} if order != "paper" else {}))
-                    out["order"].append(run.result(s).row(target=ratio, order=order))
-        for s, ratio in schemes:
-            out["schemes"].append(run.result(s).row(target=ratio, **_speed(timed, s)))
+                    s = run.setting(flops, "merge", **({"order": order} if order != "paper" else {}))
+                    out["order"].append(run.result(s).row(flops=flops, order=order))
+        for s, flops in schemes:
+            out["schemes"].append(run.result(s).row(flops=flops, **_speed(timed, s)))
         if "placement" in cfg.sections:
             step(f"{run.name}: merging placements")
             n = run.base.config.num_hidden_layers
             for label, layers in placement_layers(n).items():
-                s = run.setting(cfg.placement_ratio, "merge", **({"layers": layers} if layers else {}))
-                out["placement"].append(run.result(s).row(target=cfg.placement_ratio, placement=label))
+                s = run.setting(cfg.placement_flops, "merge", **({"layers": layers} if layers else {}))
+                out["placement"].append(run.result(s).row(flops=cfg.placement_flops, placement=label))
     out["reading"] = reading(runs, cfg)
+    out["notes"] = short_of_target(out["main"], cfg.flops) + short_of_target(out["placement"], cfg.placement_flops)
     out["config"] = asdict(cfg)
     return out
+
+
+def reached(ratio: float, flops: float) -> bool:
+    """Whether a FLOP ratio (unpatched / patched) met the budget ``flops`` (fraction kept; rounding aside)."""
+    return ratio * flops >= 1 - 1e-3
+
+
+def short_of_target(rows: list[dict], flops: float) -> list[str]:
+    """One sentence per model whose merged rows do not reach the budget ``flops`` (merging saturates)."""
+    notes = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        short = [r for r in rows if r["model"] == model and r["mode"] != "none" and not reached(r["flop_ratio"], flops)]
+        if short:
+            most = max(r["flop_ratio"] for r in short)
+            notes.append(
+                f"{model}: flops {flops:.2g} ({1 / flops:.3g}x fewer FLOPs) cannot be reached; merging saturates at "
+                f"{most:.2f}x fewer ({len(short)} setting(s)), and the tables show what was reached"
+            )
+    return notes
+
+
+def reached_title(rows: list[dict], flops: float) -> str:
+    """``flops 0.5 (2x fewer FLOPs)`` when every merged row met the budget, else what each model reached."""
+    merged = [r for r in rows if r["mode"] != "none"]
+    if all(reached(r["flop_ratio"], flops) for r in merged):
+        return f"flops {flops:.2g} ({1 / flops:.3g}x fewer FLOPs)"
+    per_model = {
+        m: min(r["flop_ratio"] for r in merged if r["model"] == m) for m in dict.fromkeys(r["model"] for r in merged)
+    }
+    return f"flops {flops:.2g} asked ({1 / flops:.3g}x fewer FLOPs), not reached (merging saturates): " + ", ".join(
+        f"{m} {v:.2f}x fewer" for m, v in per_model.items()
+    )
 
 
 def placement_layers(num_layers: int) -> dict[str, list[int] | None]:
@@ -272,14 +352,19 @@ def placement_layers(num_layers: int) -> dict[str, list[int] | None]:
 
 
 def _scheme_settings(run: ModelRun, cfg: DemoConfig) -> list[tuple[dict, float]]:
-    """Merge and hybrid at the two reductions; per-frame and aligned for a divided space-time model."""
+    """Merge and hybrid at the two budgets; per-frame and aligned for a divided space-time model."""
     schemes = ("per_frame", "aligned") if run.divided else (None,)
     return [
-        (run.setting(ratio, mode, **({"divided": d} if d == "aligned" else {})), ratio)
-        for ratio in (cfg.target, cfg.second)
+        (run.setting(flops, mode, **({"divided": d} if d == "aligned" else {})), flops)
+        for flops in (cfg.flops, cfg.second_flops)
         for mode in ("merge", "hybrid")
         for d in schemes
     ]
+
+
+def _budgets(cfg: DemoConfig) -> list[float]:
+    """The curve's budgets and the main table's, largest (least merging) first."""
+    return sorted({*cfg.budgets, cfg.flops}, reverse=True)
 
 
 def _speed(timed: dict, setting: dict) -> dict:
@@ -288,21 +373,21 @@ def _speed(timed: dict, setting: dict) -> dict:
 
 
 def reading(runs: list[ModelRun], cfg: DemoConfig, tol: float = 0.02) -> list[str]:
-    """A few sentences reading the curve: which mode wins at the target reduction and by how much (paired,
+    """A few sentences reading the curve: which mode wins at the main budget and by how much (paired,
     ±2 standard errors), how far each mode goes within ``tol`` of unpatched, and joint vs divided."""
     lines = []
-    ratios = sorted({*cfg.ratios, cfg.target})
+    budgets = _budgets(cfg)
     for run in runs:
-        none, merge = run.result({}), run.result(run.setting(cfg.target, "merge"))
+        none, merge = run.result({}), run.result(run.setting(cfg.flops, "merge"))
         for family in ("temporal", "appearance"):
             others = [
-                (mode, *paired_gap(merge, run.result(run.setting(cfg.target, mode)), family)) for mode in MODES[1:]
+                (mode, *paired_gap(merge, run.result(run.setting(cfg.flops, mode)), family)) for mode in MODES[1:]
             ]
             head = (
-                f"{run.name}, {family} classes at {cfg.target:g}x fewer FLOPs: merge {merge.acc(family):.1%} "
-                f"(unpatched {none.acc(family):.1%})"
+                f"{run.name}, {family} classes at {_reached(merge.flop_ratio, cfg.flops)}: merge "
+                f"{merge.acc(family):.1%} (unpatched {none.acc(family):.1%})"
             )
-            if all(abs(run.result(run.setting(cfg.target, m)).acc(family) - none.acc(family)) < tol for m in MODES):
+            if all(abs(run.result(run.setting(cfg.flops, m)).acc(family) - none.acc(family)) < tol for m in MODES):
                 lines.append(f"{head}; every mode within {tol * 100:.0f} points of unpatched.")
                 continue
             parts = []
@@ -316,9 +401,11 @@ def reading(runs: list[ModelRun], cfg: DemoConfig, tol: float = 0.02) -> list[st
             lines.append(f"{head}; merge " + ", ".join(parts) + " pts.")
         held = []
         for mode in MODES:
-            ok = [r for r in ratios if _within(run, none, mode, r, tol)]
-            reach = ok[-1] if ok and ok == ratios[: len(ok)] else None
-            held.append(f"{mode} to {reach:g}x" if reach else f"{mode} not at {ratios[0]:g}x")
+            ok = [f for f in budgets if _within(run, none, mode, f, tol)]
+            reach = ok[-1] if ok and ok == budgets[: len(ok)] else None
+            got = run.result(run.setting(reach or budgets[0], mode)).flop_ratio
+            where = f"down to {_reached(got, reach)}" if reach else f"not at {_reached(got, budgets[0])}"
+            held.append(f"{mode} {where}")
         lines.append(
             f"{run.name} stays within {tol * 100:.0f} points of unpatched on both class families: "
             + ", ".join(held)
@@ -327,19 +414,24 @@ def reading(runs: list[ModelRun], cfg: DemoConfig, tol: float = 0.02) -> list[st
     if len(runs) > 1:
         losses = []
         for run in runs:
-            none, merge = run.result({}), run.result(run.setting(cfg.target, "merge"))
+            none, merge = run.result({}), run.result(run.setting(cfg.flops, "merge"))
             losses.append((run.name, merge.acc("temporal") - none.acc("temporal")))
         worst = min(losses, key=lambda x: x[1])
         lines.append(
-            f"Temporal classes, merge at {cfg.target:g}x vs unpatched: "
+            f"Temporal classes, merge at flops {cfg.flops:.2g} (or as near as each model gets) vs unpatched: "
             + ", ".join(f"{name} {_pts(loss)}" for name, loss in losses)
             + f"; {worst[0]} loses the most."
         )
     return lines
 
 
-def _within(run: ModelRun, none: Result, mode: str, ratio: float, tol: float) -> bool:
-    res = run.result(run.setting(ratio, mode))
+def _reached(ratio: float, flops: float) -> str:
+    """``flops 0.5`` when a FLOP ratio reached the budget ``flops``, else ``3.15x fewer FLOPs (flops 0.001 asked)``."""
+    return f"flops {flops:.2g}" if reached(ratio, flops) else f"{ratio:.2f}x fewer FLOPs (flops {flops:.2g} asked)"
+
+
+def _within(run: ModelRun, none: Result, mode: str, flops: float, tol: float) -> bool:
+    res = run.result(run.setting(flops, mode))
     return all(res.acc(f) >= none.acc(f) - tol for f in ("appearance", "temporal"))
 
 
@@ -385,7 +477,7 @@ def write_visualizations(
     out: str, cfg: DemoConfig, shown_class: str = "moving right", families: Iterable[str] | None = None
 ) -> list[str]:
     """Merge pictures of the first held-out clip of ``shown_class`` for each bundled model (merge mode at the
-    target reduction): PNG (frames over their merge groups), GIF and MP4 under ``out``; returns the PNGs."""
+    main budget): PNG (frames over their merge groups), GIF and MP4 under ``out``; returns the PNGs."""
     from vtome.data.transforms import preprocess_for
     from vtome.demo.synth import CLASSES, label_of
     from vtome.visualize import clip_from_frames, describe, display_scale, save_visualization, visualize_clip
@@ -399,13 +491,18 @@ def write_visualizations(
         clip, label = make_clip(cfg.seed, "test", index, ClipSpec(model.config.num_frames, model.config.image_size))
         frames = (clip.permute(0, 2, 3, 1) * 255).round().byte().numpy()
         shown = clip_from_frames(frames, preprocess_for(model, model_source(name)))
-        setting = {"flops": 1.0 / cfg.target}
+        setting = {"flops": cfg.flops}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", BudgetWarning)
             scale = display_scale(adapter_for(model).token_positions(model)[2])
             drawn, groups = visualize_clip(model, shown, fill="colour", scale=scale, **setting)
             caption = describe(model, name, groups, **setting)
-        caption += f" · {cfg.target:g}x fewer FLOPs · held-out clip {index}: {CLASSES[label]}"
+            patched = vtome.patch(copy.deepcopy(model), **setting)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", CapWarning)
+            patched(pixel_values=shown.pixel_values)
+        got = vtome.last_run(patched).flop_ratio
+        caption += f" · {_reached(got, cfg.flops)} · held-out clip {index}: {CLASSES[label]}"
         paths = save_visualization(shown.display, drawn, out, caption, name=f"{name}_merges", fill="colour")
         written.append(str(paths["png"]))
     return written
