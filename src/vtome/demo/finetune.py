@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from vtome.demo import checkpoints, train
-from vtome.demo.report import _pct
 from vtome.demo.run import DemoConfig, ModelRun, Result, _key, _pts, paired_gap
 from vtome.zoo import load_model
 
@@ -201,7 +200,7 @@ def markdown(report: dict) -> str:
     for r in report["accuracy"]:
         lines.append(
             f"| {r['model']} | {r['what']} | {r['evaluated']} | {r['r']} | {r['flop_ratio']:.2f}x | "
-            f"{_pct(r['acc_appearance'])} | {_pct(r['acc_temporal'])} | {_gap(r['appearance_vs_bundled'])} | "
+            f"{r['acc_appearance']:.1%} | {r['acc_temporal']:.1%} | {_gap(r['appearance_vs_bundled'])} | "
             f"{_gap(r['temporal_vs_bundled'])} |"
         )
     lines += [
