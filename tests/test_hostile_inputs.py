@@ -224,9 +224,9 @@ def test_options_that_would_have_no_effect_are_refused(root, tmp_path, capsys, m
     for extra, message in (
         (["--clips", "0"], "--clips must be an integer >= 15"),
         (["--clips", "-20"], "--clips must be an integer >= 15"),
-        (["--flop-ratio", "nan"], "--flop-ratio must be a finite number > 1"),
-        (["--flop-ratio", "inf"], "--flop-ratio must be a finite number > 1"),
-        (["--flop-ratio", "1"], "--flop-ratio must be a finite number > 1"),
+        (["--flops", "nan"], "--flops is the fraction of the unpatched FLOPs to keep, in (0, 1)"),
+        (["--flops", "inf"], "--flops is the fraction of the unpatched FLOPs to keep, in (0, 1)"),
+        (["--flops", "1"], "--flops is the fraction of the unpatched FLOPs to keep, in (0, 1)"),
         (["--threshold", "nan"], "--threshold is a cosine similarity, in [-1, 1]"),
         (["--threshold", "2"], "--threshold is a cosine similarity, in [-1, 1]"),
         (["--out", str(split)], "is a file, not a folder"),
@@ -286,11 +286,12 @@ def test_reports_state_what_was_reached(tmp_path, capsys):
         {"model": "demo-joint", "mode": "merge", "flop_ratio": 3.15},
         {"model": "demo-divided", "mode": "merge", "flop_ratio": 2.71},
     ]
-    assert reached_title(rows, 1000.0) == (
-        "1000x fewer FLOPs asked, not reached (merging saturates): demo-joint 3.15x, demo-divided 2.71x"
+    assert reached_title(rows, 0.001) == (
+        "flops 0.001 asked (1e+03x fewer FLOPs), not reached (merging saturates): demo-joint 3.15x fewer, "
+        "demo-divided 2.71x fewer"
     )
-    assert reached_title(rows, 2.0) == "~2x fewer FLOPs"
-    assert [n.split(":")[0] for n in short_of_target(rows, 3.0)] == ["demo-divided"]
+    assert reached_title(rows, 0.5) == "flops 0.5 (2x fewer FLOPs)"
+    assert [n.split(":")[0] for n in short_of_target(rows, 1 / 3)] == ["demo-divided"]
 
 
 class SlowFirst(CopyPixel):
@@ -325,11 +326,11 @@ def test_limits_are_checked_not_crashed_into(root, tmp_path, capsys, monkeypatch
     model = str(tmp_path / "model")
     tiny("videomae", image_size=32, num_labels=4).save_pretrained(model)
     for extra, message in (
-        (["--max-batch-size", str(10**9)], "--max-batch-size must be an integer from --batch-size (1) to 4096"),
-        (["--batch-size", "4", "--max-batch-size", "2"], "--max-batch-size must be an integer from --batch-size"),
+        (["--max-batch-size", str(10**9)], "--max-batch-size must be an integer from the batch size (1) to 4096"),
+        (["--batch-size", "4", "--max-batch-size", "2"], "--max-batch-size must be an integer from the batch size"),
         (["--target-speedup", "inf"], "--target-speedup must be > 1"),
         (["--target-speedup", "nan"], "--target-speedup must be > 1"),
-        (["--repeats", "0"], "--repeats >= 1"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
     ):
         assert main(["calibrate", "--model", model, *extra]) == 2, extra
         assert message in capsys.readouterr().err

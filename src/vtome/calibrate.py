@@ -60,7 +60,7 @@ class CalibrateConfig:
             raise ValueError(f"batch_size must be an integer from 1 to {MAX_BATCH_SIZE}; got {self.batch_size!r}")
         if not whole(self.max_batch_size) or not self.batch_size <= self.max_batch_size <= MAX_BATCH_SIZE:
             raise ValueError(
-                f"max_batch_size must be an integer from batch_size ({self.batch_size}) to {MAX_BATCH_SIZE}; "
+                f"max_batch_size must be an integer from the batch size ({self.batch_size}) to {MAX_BATCH_SIZE}; "
                 f"got {self.max_batch_size!r}"
             )
         self.bench([1], self.batch_size).validate()  # mode, dtype, attn, device, warmup, repeats
