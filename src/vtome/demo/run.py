@@ -203,22 +203,43 @@ class ModelRun:
             self._cache[key] = Result(self.name, dict(setting), r, ratio, torch.cat(hits), self.temporal, model)
         return self._cache[key]
 
-    def speedups(self, settings: list[dict]) -> dict[str, dict]:
-        """Measured speedup of each setting over the unpatched model, all timed interleaved (medians)."""
+    def sibling(self, model: nn.Module, name: str) -> ModelRun:
+        """Another model of the same family (e.g. fine-tuned from this one) on the same held-out clips
+        (shared, not generated again), with its own cache of settings."""
+        other = copy.copy(self)
+        other.base, other.name, other._cache = model, name, {}
+        return other
+
+    def speedups(self, settings: list[dict], batch: int | None = None, backward: bool = False) -> dict[str, dict]:
+        """Measured speedup of each setting over the unpatched model, all timed interleaved (medians), on
+        ``batch`` held-out clips (default ``cfg.time_batch``). ``backward``: time a training step's forward and
+        backward (models in training mode, cross-entropy on the clips' labels) instead of an inference forward."""
         from vtome.bench import time_interleaved
 
-        x = self.clips[: self.cfg.time_batch]
+        batch = batch or self.cfg.time_batch
+        x, labels = self.clips[:batch], self.labels[:batch]
         forwards: dict[str, Callable[[], object]] = {}
-        for s in [{}] + settings:
-            model = self.result(s).patched if s else self.base
+        models = {_key(s): self.result(s).patched if s else self.base for s in [{}] + settings}
+        for key, model in models.items():
 
             def forward(model: nn.Module = model) -> object:
-                with torch.inference_mode(), warnings.catch_warnings():
+                with warnings.catch_warnings():
                     warnings.simplefilter("ignore", CapWarning)
-                    return model(pixel_values=x)
+                    if backward:
+                        model.zero_grad(set_to_none=True)
+                        return model(pixel_values=x, labels=labels).loss.backward()
+                    with torch.inference_mode():
+                        return model(pixel_values=x)
 
-            forwards[_key(s)] = forward
-        times = time_interleaved(forwards, self.cfg.time_warmup, self.cfg.time_rounds)
+            forwards[key] = forward
+        for model in models.values():
+            model.train(backward)
+        try:
+            times = time_interleaved(forwards, self.cfg.time_warmup, self.cfg.time_rounds)
+        finally:
+            for model in models.values():
+                model.zero_grad(set_to_none=True)
+                model.eval()
         base = times[_key({})]
         out = {}
         for key, t in times.items():

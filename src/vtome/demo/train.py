@@ -1,7 +1,10 @@
-"""Train a demo classifier on generated clips (CPU, minutes): ``python -m vtome.demo.train --family joint``.
+"""Train a demo classifier on generated clips (CPU, minutes): ``python -m vtome.demo.train --family joint``;
+or fine-tune a bundled one with token merging at a FLOP budget:
+``python -m vtome.demo.train --init demo-joint --flops 0.5 --steps 150 --reverse --out runs/joint-half``.
 
 Data are generated on the fly (every step sees new clips, so there is no over-fitting to a fixed set);
-the held-out accuracy is measured on the ``test`` split, which training never sees.
+the held-out accuracy is measured on the ``test`` split, which training never sees. A fine-tuning run starts
+at the first training clip its bundled model never saw, and never writes over the bundled weights.
 """
 
 from __future__ import annotations
@@ -13,15 +16,20 @@ import platform
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+import vtome
 from vtome.adapters.inputs import clip_kwargs, clip_shape
 from vtome.demo import checkpoints
 from vtome.demo.synth import ClipSpec, is_temporal, make_batch, normalize, reversed_label
+
+SCRATCH_LR, FINETUNE_LR = 2e-3, 2e-4  # peak learning rates: a new model, fine-tuning a bundled one
+_TINY = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "image_size": 32}
 
 
 def reverse_half(clips: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,10 +80,21 @@ def train(
     overrides: dict | None = None,
     command: str = "",
     reverse: bool = False,
+    init: bool = False,
+    merge: dict | None = None,
 ) -> dict:
-    """Train ``family`` for ``steps`` steps of ``batch_size`` generated clips; save to ``out`` if given."""
+    """Train ``family`` for ``steps`` steps of ``batch_size`` generated clips; save to ``out`` if given.
+
+    ``init``: start from the bundled trained model of ``family`` (fine-tuning; its clips are skipped) instead
+    of a new one. ``merge``: :func:`vtome.patch` arguments (``flops`` or ``r``, ``mode``, ...): train, and
+    evaluate, with token merging; the saved model is a stock model (patch it again with the same settings).
+    """
     torch.manual_seed(seed)
-    model = checkpoints.build(family, **(overrides or {}))
+    model = checkpoints.load(family) if init else checkpoints.build(family, **(overrides or {}))
+    # a fine-tuning run draws the training clips after those its starting model was trained on
+    first_clip = _clips_seen(checkpoints.training_record(family)) if init else 0
+    if merge:
+        vtome.patch(model, **merge)
     spec = spec_for(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     warmup = max(1, steps // 20)
@@ -89,7 +108,8 @@ def train(
     start = time.time()
     for step in range(steps):
         model.train()
-        clips, labels = make_batch(data_seed, "train", range(step * batch_size, (step + 1) * batch_size), spec)
+        start_clip = first_clip + step * batch_size
+        clips, labels = make_batch(data_seed, "train", range(start_clip, start_clip + batch_size), spec)
         if reverse:
             clips, labels = reverse_half(clips, labels, torch.Generator().manual_seed(seed * 100_003 + step))
         loss = model(**clip_kwargs(model, normalize(clips)), labels=labels).loss
@@ -101,7 +121,7 @@ def train(
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps} loss {loss.item():.3f} {time.time() - start:.0f}s", flush=True)
     train_seconds = time.time() - start
-    result = evaluate(model, data_seed, "test", eval_clips)
+    result = evaluate(model, data_seed, "test", eval_clips)  # as trained: merged when merging
     record = {
         "family": family,
         "command": command,
@@ -112,11 +132,18 @@ def train(
         "lr": lr,
         "time_reversal_augmentation": reverse,
         "train_seconds": round(train_seconds, 1),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "test": result,
+        **({"init": checkpoints.ALL_FAMILIES[family], "first_clip": first_clip} if init else {}),
+        **({"merge": merge_record(model, merge)} if merge else {}),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
     }
     print(json.dumps(record["test"]), flush=True)
+    if merge:  # the same model without merging, on the same clips
+        vtome.unpatch(model)
+        record["test_unpatched"] = evaluate(model, data_seed, "test", eval_clips)
+        print("unpatched", json.dumps(record["test_unpatched"]), flush=True)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
@@ -125,13 +152,49 @@ def train(
     return record
 
 
+def _clips_seen(record: dict) -> int:
+    """Training clips a model's ``training.json`` record says it was trained on (from index 0 on, plus its own
+    fine-tuning start)."""
+    return record.get("first_clip", 0) + record["steps"] * record["batch_size"]
+
+
+def merge_record(model: nn.Module, merge: dict) -> dict:
+    """What a patched ``model`` trained with (:func:`vtome.patch` arguments ``merge``): the arguments, the
+    ``r`` they resolved to and ``flop_ratio`` (unpatched / patched FLOPs) of its last forward."""
+    settings = vtome.settings(model)
+    r = settings.r
+    return {
+        **merge,
+        "r": list(r) if isinstance(r, (list, tuple)) else r,
+        "prop_attn": settings.prop_attn,
+        "flop_ratio": round(vtome.last_run(model).flop_ratio, 4),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vtome.demo.train", description=__doc__)
-    p.add_argument("--family", required=True, choices=sorted(checkpoints.ALL_FAMILIES))
-    p.add_argument("--out", type=Path, help="directory for the trained model (default: the bundled weights)")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--family", choices=sorted(checkpoints.ALL_FAMILIES), help="train a new model of this family")
+    start.add_argument(
+        "--init",
+        choices=sorted(checkpoints.ALL_FAMILIES.values()),
+        help="fine-tune this bundled model (needs --out; the bundled weights are never written)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="directory for the trained model (default for --family: the bundled weights; required with --init)",
+    )
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {SCRATCH_LR:g}; {FINETUNE_LR:g} with --init)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--flops", type=float, help="train with token merging, keeping this fraction of the FLOPs (0.5: half)"
+    )
+    budget.add_argument("--r", type=int, help="train with token merging, removing r tokens per layer")
+    p.add_argument("--mode", choices=vtome.MODES, help="reduction mode with --flops/--r (default merge)")
+    p.add_argument("--threshold", type=float, help="hybrid mode: similarity from which a pair merges (default 0.8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-clips", type=int, default=450)
     p.add_argument("--tiny", action="store_true", help="a 1-layer, 32 px model (for tests)")
@@ -141,22 +204,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="time-reversal augmentation (half of each batch backwards, temporal labels swapped)",
     )
     args = p.parse_args(argv)
-    overrides = (
-        {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "image_size": 32} if args.tiny else {}
-    )
-    out = args.out or checkpoints.weights_dir(args.family)
+    family = args.family or next(f for f, name in checkpoints.ALL_FAMILIES.items() if name == args.init)
+    merging = args.flops is not None or args.r is not None
+    if not merging and (args.mode or args.threshold is not None):
+        p.error("--mode and --threshold go with --flops or --r (training with merging)")
+    if args.threshold is not None and args.mode != "hybrid":
+        p.error("--threshold is for --mode hybrid")
+    if merging and args.out is None:
+        p.error("training with --flops/--r needs --out DIR (the bundled weights are trained without merging)")
+    if args.init and args.tiny:
+        p.error("--tiny builds a new model; it does not go with --init")
+    if args.init:
+        if args.out is None:
+            p.error(f"--init {args.init} needs --out DIR (a new folder for the fine-tuned model)")
+        if args.out.resolve().is_relative_to(checkpoints.WEIGHTS.resolve()):
+            p.error(f"--out {args.out} is inside the bundled weights ({checkpoints.WEIGHTS}); choose another folder")
+        if (args.out / "model.safetensors").exists():
+            p.error(f"--out {args.out} already holds a model; choose a new folder (or delete that one)")
+    merge = None
+    if merging:
+        mode = args.mode or "merge"
+        merge = {"mode": mode, **({"flops": args.flops} if args.flops is not None else {"r": args.r})}
+        if mode == "hybrid":
+            merge["threshold"] = 0.8 if args.threshold is None else args.threshold
+        try:  # the settings' own checks, before any training (on a tiny model: its budget warnings are moot)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                vtome.patch(checkpoints.build(family, **_TINY), **merge)
+        except ValueError as err:
+            p.error(str(err))
+    overrides = _TINY if args.tiny else {}
+    out = args.out or checkpoints.weights_dir(family)
     command = "python -m vtome.demo.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     train(
-        args.family,
+        family,
         out,
         steps=args.steps,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=args.lr if args.lr is not None else (FINETUNE_LR if args.init else SCRATCH_LR),
         seed=args.seed,
         eval_clips=args.eval_clips,
         overrides=overrides,
         command=command,
         reverse=args.reverse,
+        init=args.init is not None,
+        merge=merge,
     )
     return 0
 
