@@ -24,6 +24,7 @@ plan, the layout, the tokens, their track and the keys), :func:`encode` (the pat
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -272,6 +273,7 @@ def encode(
     ``(hidden_states, track, *extra)``; ``each(layer_input, layer_output)`` sees every call (for collecting
     hidden states or attentions). Records the run on ``merger``.
     """
+    _check_replay(merger.settings.plan, layers)
     track = merger.start(hidden_states, positions)
     input_tokens, counts = hidden_states.shape[1], []
     for layer in layers:
@@ -284,8 +286,28 @@ def encode(
     return Encoded(hidden_states, track)
 
 
+def _check_replay(plan: Plan, layers: Iterable[nn.Module]) -> None:
+    """``ValueError`` for an unseeded random mode in a layer that gradient checkpointing recomputes without
+    replaying the random state (``preserve_rng_state=False``): the recompute would draw another matching, and
+    the gradients would belong to a network that never ran."""
+    if plan.seed is not None or not plan.mode.startswith("random") or not torch.is_grad_enabled():
+        return
+    for layer in layers:
+        checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+        if not (layer.training and getattr(layer, "gradient_checkpointing", False)):
+            continue
+        if isinstance(checkpoint, functools.partial) and checkpoint.keywords.get("preserve_rng_state", True) is False:
+            raise ValueError(
+                f"vtome: mode={plan.mode!r} without a seed under gradient checkpointing with preserve_rng_state=False: "
+                "the recomputed layer would draw another matching; pass seed=... to vtome.patch (or set "
+                "vtome.settings(model).seed), or keep preserve_rng_state=True"
+            )
+
+
 def pool_mean(tokens: Tensor, size: Tensor | None) -> Tensor:
-    """Mean of ``tokens`` ``[B, N, C]`` over tokens, weighted by ``size`` ``[B, N, 1]`` (plain mean if None)."""
+    """Mean of ``tokens`` ``[B, N, C]`` over tokens, weighted by ``size`` ``[B, N, 1]`` (plain mean if None);
+    accumulated in at least float32 (float64 stays float64)."""
     if size is None:
         return tokens.mean(1)
-    return ((tokens.float() * size).sum(1) / size.sum(1)).to(tokens.dtype)
+    weighted = tokens.to(torch.promote_types(tokens.dtype, torch.float32)) * size
+    return (weighted.sum(1) / size.sum(1)).to(tokens.dtype)
