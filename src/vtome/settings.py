@@ -226,6 +226,17 @@ class MergeSettings:
             budgeted=self.flops is not None,
         )
 
+    def _specific(self, name: str, value: object, choices: tuple[str, ...], meaning: str, applies: str) -> str | None:
+        """A setting only some models have (None on the others, fixed when the settings are made): one of
+        ``choices``, or None where it does not apply."""
+        if name not in self.__dict__:  # being made: None says this model has no such setting
+            return None if value is None else _choice(name, value, choices, meaning)
+        if self.__dict__[name] is None:
+            if value is None:
+                return None
+            raise ValueError(f"{name} applies to {applies}")
+        return _choice(name, value, choices, meaning)
+
     def _validate(self, name: str, value: object) -> object:
         n = self.__dict__.get("num_layers")
         if name == "num_layers":
@@ -246,36 +257,23 @@ class MergeSettings:
         if name == "head_aggregation":
             return _choice("head_aggregation", value, HEAD_AGGREGATIONS)
         if name == "position_merge":
-            unpositioned = "position_merge" in self.__dict__ and self.__dict__["position_merge"] is None
-            if unpositioned and value is not None:
-                raise ValueError(
-                    "position_merge applies to models with rotary positions (V-JEPA 2) only; this model's attention "
-                    "does not depend on token positions"
-                )
-            if value is None and "position_merge" not in self.__dict__:
-                return None
-            return _choice(
-                "position_merge",
+            return self._specific(
+                name,
                 value,
                 POSITION_MERGES,
                 " ('mean': a merged token sits at the size-weighted mean position of its patches; 'destination': "
                 "at its destination token's position)",
+                "models with rotary positions (V-JEPA 2) only; this model's attention does not depend on token "
+                "positions",
             )
         if name == "divided":
-            joint = "divided" in self.__dict__ and self.__dict__["divided"] is None
-            if joint and value is not None:
-                raise ValueError(
-                    "divided applies to divided space-time models (TimeSformer, Motionformer) only; "
-                    "this model attends jointly over the clip"
-                )
-            if value is None and "divided" not in self.__dict__:
-                return None
-            return _choice(
-                "divided",
+            return self._specific(
+                name,
                 value,
                 DIVIDED,
                 " ('per_frame': each frame picks its own pairs, as published; 'aligned': one matching per clip, "
                 "shared by all its frames)",
+                "divided space-time models (TimeSformer, Motionformer) only; this model attends jointly over the clip",
             )
         if name == "threshold":
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -1.0 <= value <= 1.0:
