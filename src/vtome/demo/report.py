@@ -48,7 +48,7 @@ def print_report(report: dict, cfg: DemoConfig, console: Console) -> None:
     )
     console.print(
         _table(
-            f"Every mode at {reached_title(report['main'], cfg.flops)} (flops: the fraction of the FLOPs kept)",
+            f"Every mode at {reached_title(report['main'], cfg.flops)}; flops: the fraction of the FLOPs kept",
             ["model", "mode", "r", "FLOP ratio", "acc appearance", "acc temporal", "speedup"],
             [
                 [
