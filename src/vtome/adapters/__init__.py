@@ -190,8 +190,10 @@ def _patched_class(cls: type[nn.Module], patched: type[nn.Module]) -> type[nn.Mo
     a class composed of both (the user's methods, and its forward where the patched class keeps a user's
     forward). ``TypeError`` when the user's class overrides a ``forward`` the patch must replace."""
     stock = _stock(patched)
-    if cls is stock or issubclass(cls, patched):  # (a patched class built unpatched, e.g. by from_pretrained)
-        return cls if cls is not stock else patched
+    if cls is stock:
+        return patched
+    if issubclass(cls, patched):  # a patched class built unpatched (e.g. by from_pretrained) stays as it is
+        return cls
     # (transformers wraps the forward of every checkpointing layer subclass: compare the functions inside)
     own = inspect.unwrap(cls.forward) is not inspect.unwrap(stock.forward)
     if own and not getattr(patched, "keeps_user_forward", False):
